@@ -248,3 +248,9 @@ def logical_axes(config: MistralConfig, lora: LoraConfig | None = None) -> dict:
     model = Mistral(config, lora)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
     return nn.get_partition_spec(abstract)
+
+
+def project_logits(params: dict, hidden: jax.Array) -> jax.Array:
+    """lm_head applied to hidden states [..., D] -> logits [..., V] (float32)."""
+    kernel = params["lm_head"]["kernel"]
+    return jnp.einsum("...d,dv->...v", hidden, kernel.astype(hidden.dtype)).astype(jnp.float32)
