@@ -1,0 +1,199 @@
+"""CLaRa's JSONL formats: read, validate, normalise; errors name file, line and field.
+
+Formats (the official ones, accepted as they are):
+  pretrain    {"data_type": "qa"|"paraphrase", "question": [str], "answers": [str], "docs": [str]}
+              qa: question[i] pairs with answers[i]; paraphrase: the target is answers[0].
+  instruct    {"question": str, "docs": [str] * k, "answer" | "answers" | "golden_answers":
+              str or [str]} (the first answer is the target; `pos_index` optional)
+  end_to_end  {"question": str, "docs": [str] * N, "answer"|..., "pos_index": [int] (optional)}
+  eval        as end_to_end; `golden_answers` may hold several aliases.
+
+Every record comes back normalised (see `normalise`), in file order, with its source
+`file:line`. Invalid lines raise `DataError` by default; with skip_invalid they are counted
+and listed instead. Valid records are never dropped or reordered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+from typing import Any, Iterable, Sequence
+
+FORMATS = ("pretrain", "instruct", "end_to_end", "eval")
+ANSWER_KEYS = ("answer", "answers", "golden_answers")
+
+
+class DataError(ValueError):
+    """A bad input line: `file:line: field: message`."""
+
+    def __init__(self, path: str, line: int, field: str, message: str):
+        self.path, self.line, self.field = path, line, field
+        super().__init__(f"{path}:{line}: {field}: {message}")
+
+
+@dataclasses.dataclass
+class ReadReport:
+    """What reading produced: counts, and the skipped lines as `file:line: field: message`."""
+
+    records: int = 0
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+    def write_skipped(self, path: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            f.writelines(line + "\n" for line in self.skipped)
+
+
+def expand_paths(patterns: str | Sequence[str]) -> list[str]:
+    """Sorted files matching the paths or globs (comma-separated string or list);
+    FileNotFoundError naming any pattern that matches nothing."""
+    if isinstance(patterns, str):
+        patterns = [p for p in patterns.split(",") if p.strip()]
+    files: list[str] = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(os.path.expanduser(pattern.strip())))
+        if not matched:
+            raise FileNotFoundError(f"no file matches {pattern!r}")
+        files.extend(matched)
+    return files
+
+
+def _text(value: Any, path: str, line: int, field: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(path, line, field, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(path, line, field, "is empty")
+    return value
+
+
+def _texts(value: Any, path: str, line: int, field: str, allow_empty_items: bool = False
+           ) -> list[str]:
+    if not isinstance(value, list):
+        raise DataError(path, line, field, f"expected a list of strings, got "
+                        f"{type(value).__name__}")
+    out = []
+    for i, v in enumerate(value):
+        if allow_empty_items and isinstance(v, str):
+            out.append(v)
+        else:
+            out.append(_text(v, path, line, f"{field}[{i}]"))
+    return out
+
+
+def _answers(rec: dict, path: str, line: int) -> list[str]:
+    for key in ANSWER_KEYS:
+        if key in rec:
+            value = rec[key]
+            values = [value] if isinstance(value, str) else value
+            texts = _texts(values, path, line, key)
+            if not texts:
+                raise DataError(path, line, key, "has no answer")
+            return texts
+    raise DataError(path, line, "answer", f"missing (one of {ANSWER_KEYS} is required)")
+
+
+def normalise(rec: Any, fmt: str, path: str, line: int, *, k: int | None = None,
+              num_candidates: int | None = None) -> dict:
+    """Validates one parsed record and returns it normalised:
+
+    pretrain -> {"data_type", "questions": [str], "answers": [str], "docs": [str]}
+    others   -> {"question": str, "docs": [str], "answers": [str] (first = target),
+                 "pos_index": [int]}
+    plus "source": "file:line". `k` (instruct) / `num_candidates` (end_to_end, eval) fix
+    len(docs) when given.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; known: {FORMATS}")
+    if not isinstance(rec, dict):
+        raise DataError(path, line, "record", f"expected a JSON object, got {type(rec).__name__}")
+    source = f"{path}:{line}"
+    if fmt == "pretrain":
+        kind = rec.get("data_type")
+        if kind not in ("qa", "paraphrase"):
+            raise DataError(path, line, "data_type", f"must be 'qa' or 'paraphrase', got {kind!r}")
+        for key in ("question", "answers", "docs"):
+            if key not in rec:
+                raise DataError(path, line, key, "missing")
+        docs = _texts(rec["docs"], path, line, "docs")
+        if not docs:
+            raise DataError(path, line, "docs", "has no document")
+        answers = _texts(rec["answers"], path, line, "answers")
+        if kind == "qa":
+            questions = _texts(rec["question"], path, line, "question")
+            if not questions:
+                raise DataError(path, line, "question", "has no question")
+            if len(questions) != len(answers):
+                raise DataError(path, line, "answers", f"{len(answers)} answers for "
+                                f"{len(questions)} questions")
+        else:
+            questions = _texts(rec["question"], path, line, "question", allow_empty_items=True) \
+                if isinstance(rec["question"], list) else []
+            if not answers:
+                raise DataError(path, line, "answers", "paraphrase record has no target")
+        return {"data_type": kind, "questions": questions, "answers": answers, "docs": docs,
+                "source": source}
+
+    if "question" not in rec:
+        raise DataError(path, line, "question", "missing")
+    question = _text(rec["question"], path, line, "question")
+    if "docs" not in rec:
+        raise DataError(path, line, "docs", "missing")
+    docs = _texts(rec["docs"], path, line, "docs")
+    if not docs:
+        raise DataError(path, line, "docs", "has no document")
+    expected = k if fmt == "instruct" else num_candidates
+    if expected is not None and len(docs) != expected:
+        what = "k" if fmt == "instruct" else "num_candidates"
+        raise DataError(path, line, "docs", f"has {len(docs)} documents, the config's {what} "
+                        f"is {expected}")
+    answers = _answers(rec, path, line)
+    pos = rec.get("pos_index", [])
+    if pos is None:
+        pos = []
+    if not isinstance(pos, list) or not all(isinstance(p, int) and not isinstance(p, bool)
+                                            for p in pos):
+        raise DataError(path, line, "pos_index", "expected a list of integers")
+    bad = [p for p in pos if not 0 <= p < len(docs)]
+    if bad:
+        raise DataError(path, line, "pos_index", f"{bad} out of range for {len(docs)} docs")
+    return {"question": question, "docs": docs, "answers": answers, "pos_index": list(pos),
+            "source": source}
+
+
+def read_jsonl(paths: str | Sequence[str], fmt: str, *, k: int | None = None,
+               num_candidates: int | None = None, skip_invalid: bool = False
+               ) -> tuple[list[dict], ReadReport]:
+    """Reads and validates every line of the files (in order). Returns (records, report)."""
+    report = ReadReport()
+    records: list[dict] = []
+    for path in expand_paths(paths):
+        for line_no, raw in _lines(path):
+            try:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(path, line_no, "bytes", f"not UTF-8 ({e.reason} at byte "
+                                    f"{e.start})") from None
+                if not text.strip():
+                    continue
+                try:
+                    rec = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise DataError(path, line_no, "json", f"not JSON ({e.msg}, column "
+                                    f"{e.colno})") from None
+                records.append(normalise(rec, fmt, path, line_no, k=k,
+                                         num_candidates=num_candidates))
+            except DataError as e:
+                if not skip_invalid:
+                    raise
+                report.skipped.append(str(e))
+    report.records = len(records)
+    return records, report
+
+
+def _lines(path: str) -> Iterable[tuple[int, bytes]]:
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            yield i, raw.rstrip(b"\r\n")

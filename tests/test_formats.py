@@ -1,0 +1,79 @@
+"""JSONL readers: official example data reads; every bad-input case names file:line:field."""
+
+import json
+import os
+
+import pytest
+
+from clara_jax.data.formats import DataError, read_jsonl
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                      "ml-clara-examples", "pretrain_data.jsonl")
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED), reason="../shared example data not present")
+def test_official_pretrain_example_reads_completely():
+    records, report = read_jsonl(SHARED, "pretrain")
+    with open(SHARED, "rb") as f:
+        n_lines = sum(1 for line in f if line.strip())
+    assert report.records == len(records) == n_lines and not report.skipped
+    assert all(len(r["questions"]) == len(r["answers"]) for r in records)
+    assert records[0]["source"].endswith(":1")
+
+
+def write(tmp_path, lines, name="d.jsonl"):
+    path = tmp_path / name
+    with open(path, "wb") as f:
+        for line in lines:
+            f.write((line if isinstance(line, bytes) else line.encode()) + b"\n")
+    return str(path)
+
+
+GOOD = json.dumps({"question": "q?", "docs": ["a", "b"], "answer": "x", "pos_index": [1]})
+BAD_CASES = [
+    ("{not json", "json"),
+    (json.dumps({"docs": ["a", "b"], "answer": "x"}), "question"),
+    (json.dumps({"question": 3, "docs": ["a", "b"], "answer": "x"}), "question"),
+    (json.dumps({"question": "  ", "docs": ["a", "b"], "answer": "x"}), "question"),
+    (json.dumps({"question": "q", "docs": ["a", ""], "answer": "x"}), "docs[1]"),
+    (json.dumps({"question": "q", "docs": ["a"], "answer": "x"}), "docs"),
+    (json.dumps({"question": "q", "docs": ["a", "b"]}), "answer"),
+    (json.dumps({"question": "q", "docs": ["a", "b"], "answer": "x", "pos_index": [2]}),
+     "pos_index"),
+    (b'{"question": "q\xff", "docs": ["a", "b"], "answer": "x"}', "bytes"),
+]
+
+
+@pytest.mark.parametrize("line,field", BAD_CASES)
+def test_bad_line_raises_with_file_line_field(tmp_path, line, field):
+    path = write(tmp_path, [GOOD, line, GOOD])
+    with pytest.raises(DataError) as e:
+        read_jsonl(path, "instruct", k=2)
+    assert e.value.line == 2 and e.value.field == field
+    assert str(e.value).startswith(f"{path}:2: {field}:")
+
+
+def test_skip_invalid_counts_and_keeps_order(tmp_path):
+    lines = [GOOD.replace("q?", f"q{i}?") for i in range(3)]
+    path = write(tmp_path, [lines[0], BAD_CASES[0][0], lines[1], BAD_CASES[1][0], lines[2]])
+    records, report = read_jsonl(path, "instruct", k=2, skip_invalid=True)
+    assert [r["question"] for r in records] == ["q0?", "q1?", "q2?"]
+    assert len(report.skipped) == 2 and ":2: json:" in report.skipped[0]
+    out = tmp_path / "work" / "skipped.txt"
+    report.write_skipped(str(out))
+    assert out.read_text().count("\n") == 2
+
+
+def test_answer_aliases_and_pretrain_kinds(tmp_path):
+    path = write(tmp_path, [json.dumps({"question": "q", "docs": ["a"] * 3,
+                                        "golden_answers": ["A", "alias"], "pos_index": [0, 2]})])
+    (rec,), _ = read_jsonl(path, "eval", num_candidates=3)
+    assert rec["answers"] == ["A", "alias"] and rec["pos_index"] == [0, 2]
+    pre = write(tmp_path, [
+        json.dumps({"data_type": "paraphrase", "question": [""], "answers": ["p"], "docs": ["d"]}),
+        json.dumps({"data_type": "qa", "question": ["a", "b"], "answers": ["x"], "docs": ["d"]}),
+    ], "p.jsonl")
+    with pytest.raises(DataError, match=r":2: answers: 1 answers for 2 questions"):
+        read_jsonl(pre, "pretrain")
+    with pytest.raises(FileNotFoundError, match="nothing*"):
+        read_jsonl(str(tmp_path / "nothing*.jsonl"), "eval")
