@@ -1,0 +1,153 @@
+"""grain input pipelines: records -> fixed-shape numpy batches for each CLaRa stage.
+
+    records (formats.read_jsonl, or a TFDS data source) -> MapDataset
+      -> shard by host (process_index / process_count) -> shuffle(seed), reshuffled per epoch
+      -> featurize (tokenise, build prompts, pad to static lengths) -> batch(drop_remainder)
+      -> IterDataset (optional worker processes and prefetch); iterator state is restorable
+
+Every array has a shape fixed by the config, so the train step compiles once. Features per
+example (see `clara_jax.clara.losses` for how they are used):
+  pretrain / instruct: doc_ids, doc_mask [k, Le]; prompt_ids, prompt_mask, labels [L]
+  end_to_end / retrieval_pretrain / eval: query_ids, query_mask [Lq]; doc_ids, doc_mask
+      [N, Le]; pos_mask [N]; prompt_ids, prompt_mask, labels [L] (k = generation_top_k slots)
+  all: truncated_docs, truncated_prompt (counts, for the metrics); index (record position)
+with Le = doc_max_length + 3 + n, Lq = query_max_length + 3 + n, L = max_len.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any, Sequence
+
+import grain
+import numpy as np
+
+from clara_jax.clara import prompts
+from clara_jax.clara.tokenizer import ClaraTokenizer
+
+STAGE_FORMAT = {"pretrain": "pretrain", "instruct": "instruct", "end_to_end": "end_to_end",
+                "retrieval_pretrain": "end_to_end", "eval": "eval"}
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+    """Static lengths of one stage's features (tokens)."""
+
+    stage: str
+    doc_max_length: int
+    n_mem: int
+    max_len: int
+    k: int                     # documents in the prompt
+    num_candidates: int = 0    # stage 3 / eval: candidates per question
+    query_max_length: int = 0  # stage 3: query encoder text length (0 -> doc_max_length)
+
+    def __post_init__(self):
+        if self.stage not in STAGE_FORMAT:
+            raise ValueError(f"unknown stage {self.stage!r}; known: {sorted(STAGE_FORMAT)}")
+        if self.stage in ("end_to_end", "retrieval_pretrain", "eval"):
+            if self.num_candidates <= 0:
+                raise ValueError(f"stage {self.stage} needs num_candidates > 0")
+            if self.k > self.num_candidates:
+                raise ValueError(f"k ({self.k}) is larger than num_candidates "
+                                 f"({self.num_candidates})")
+
+
+class Featurize(grain.transforms.Map):
+    """Normalised record -> dict of fixed-shape int32 arrays (see the module docstring)."""
+
+    def __init__(self, tokenizer: ClaraTokenizer, spec: FeatureSpec, seed: int = 0):
+        self.tok, self.spec, self.seed = tokenizer, spec, seed
+
+    def map(self, element: tuple[int, dict]) -> dict[str, np.ndarray]:
+        index, rec = element
+        spec, tok = self.spec, self.tok
+        out: dict[str, np.ndarray] = {"index": np.int32(index)}
+        doc_ids, doc_mask, cut_docs = prompts.encode_documents(
+            tok, rec["docs"], spec.doc_max_length, spec.n_mem)
+        out.update(doc_ids=doc_ids, doc_mask=doc_mask)
+        if spec.stage == "pretrain":
+            if len(rec["docs"]) != spec.k:
+                raise ValueError(f"{rec['source']}: docs: {len(rec['docs'])} documents, the "
+                                 f"pretrain stage is configured for {spec.k}")
+            if rec["data_type"] == "qa":
+                pair = prompts.qa_strings(tok, rec["questions"], rec["answers"], spec.k)
+            else:
+                # The official code draws the instruction with random.choice; here it is a
+                # deterministic function of (seed, record index) so runs are reproducible.
+                instruction = random.Random(self.seed * 1_000_003 + index).randrange(
+                    len(prompts.PARAPHRASE_INSTRUCTIONS))
+                pair = prompts.paraphrase_strings(tok, rec["answers"][0], spec.k, instruction)
+        else:
+            pair = prompts.answer_strings(tok, rec["question"], rec["answers"][0], spec.k)
+        dec = prompts.build_decoder_batch(tok, [pair], spec.k, spec.max_len)
+        out.update(prompt_ids=dec.input_ids[0], prompt_mask=dec.attention_mask[0],
+                   labels=dec.labels[0])
+        cut_prompt = dec.n_truncated
+        if spec.stage in ("end_to_end", "retrieval_pretrain", "eval"):
+            q_ids, q_mask, cut_q = prompts.encode_documents(
+                tok, [rec["question"]], spec.query_max_length or spec.doc_max_length, spec.n_mem)
+            pos = np.zeros((spec.num_candidates,), np.int32)
+            pos[rec["pos_index"]] = 1
+            out.update(query_ids=q_ids[0], query_mask=q_mask[0], pos_mask=pos)
+            cut_prompt += cut_q
+        out.update(truncated_docs=np.int32(cut_docs), truncated_prompt=np.int32(cut_prompt))
+        return out
+
+
+def make_dataset(records: Sequence[dict], tokenizer: ClaraTokenizer, spec: FeatureSpec, *,
+                 batch_size: int, seed: int = 0, shuffle: bool = True,
+                 num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1,
+                 drop_remainder: bool = True) -> grain.MapDataset:
+    """A batched MapDataset over this host's shard of `records`.
+
+    Shard i of n holds records i, i + n, ... (so hosts see disjoint, complete shards); with
+    `shuffle` each epoch is a new permutation of the shard, fixed by `seed`. num_epochs None
+    repeats forever.
+    """
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+    ds = grain.MapDataset.source(list(enumerate(records)))[shard_index::shard_count]
+    if len(ds) < batch_size and drop_remainder:
+        raise ValueError(f"{len(ds)} records on this host is fewer than one batch of "
+                         f"{batch_size}")
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs)
+    ds = ds.map(Featurize(tokenizer, spec, seed))
+    return ds.batch(batch_size, drop_remainder=drop_remainder)
+
+
+def make_iterator(ds: grain.MapDataset, worker_count: int = 0, prefetch: int = 2
+                  ) -> grain.DatasetIterator:
+    """A checkpointable iterator (`get_state()` / `set_state(state)`), optionally with worker
+    processes (multiprocessing prefetch) for tokenisation."""
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+    if worker_count > 0:
+        it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return iter(it_ds)
+
+
+def host_shard() -> tuple[int, int]:
+    """(process_index, process_count) of this host in a multi-host JAX job."""
+    import jax
+    return jax.process_index(), jax.process_count()
+
+
+def feature_shapes(spec: FeatureSpec, batch_size: int) -> dict[str, tuple[int, ...]]:
+    """The static shape of every batched feature (for ahead-of-time compilation)."""
+    le = spec.doc_max_length + 3 + spec.n_mem
+    shapes: dict[str, Any] = {"index": (batch_size,), "prompt_ids": (batch_size, spec.max_len),
+                              "prompt_mask": (batch_size, spec.max_len),
+                              "labels": (batch_size, spec.max_len),
+                              "truncated_docs": (batch_size,), "truncated_prompt": (batch_size,)}
+    if spec.stage in ("end_to_end", "retrieval_pretrain", "eval"):
+        lq = (spec.query_max_length or spec.doc_max_length) + 3 + spec.n_mem
+        shapes.update(doc_ids=(batch_size, spec.num_candidates, le),
+                      doc_mask=(batch_size, spec.num_candidates, le),
+                      query_ids=(batch_size, lq), query_mask=(batch_size, lq),
+                      pos_mask=(batch_size, spec.num_candidates))
+    else:
+        shapes.update(doc_ids=(batch_size, spec.k, le), doc_mask=(batch_size, spec.k, le))
+    return shapes

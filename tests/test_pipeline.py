@@ -1,0 +1,93 @@
+"""grain pipelines: exact arrays from the prompt builders, static shapes, host shards,
+restorable iterator state."""
+
+import numpy as np
+import pytest
+
+from clara_jax.clara import prompts
+from clara_jax.clara.tokenizer import ClaraTokenizer, train_sentencepiece
+from clara_jax.data import pipeline
+
+WORDS = "ana bo cy was born in the city of zan rok firm founded by year who where what".split()
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    rng = np.random.RandomState(0)
+    lines = [" ".join(rng.choice(WORDS, 8)) for _ in range(500)]
+    path = train_sentencepiece(lines, str(tmp_path_factory.mktemp("sp") / "sp"), 300)
+    return ClaraTokenizer.from_file(path, n_mem=4)
+
+
+def e2e_records(n, n_cand=5):
+    rng = np.random.RandomState(1)
+    return [{"question": f"who was born in {i}?",
+             "docs": [" ".join(rng.choice(WORDS, rng.randint(3, 30))) for _ in range(n_cand)],
+             "answers": [f"ana {i}"], "pos_index": [i % n_cand], "source": f"x:{i + 1}"}
+            for i in range(n)]
+
+
+SPEC = pipeline.FeatureSpec(stage="end_to_end", doc_max_length=16, n_mem=4, max_len=320, k=2,
+                            num_candidates=5)
+
+
+def test_features_equal_prompt_builders_and_shapes_are_static(tok):
+    recs = e2e_records(10)
+    ds = pipeline.make_dataset(recs, tok, SPEC, batch_size=4, shuffle=False, num_epochs=1)
+    shapes = pipeline.feature_shapes(SPEC, 4)
+    batches = list(ds)
+    assert len(batches) == 2  # drop_remainder
+    for b in batches:
+        assert {k: v.shape for k, v in b.items()} == shapes
+    first = batches[0]
+    ids, mask, _ = prompts.encode_documents(tok, recs[0]["docs"], 16, 4)
+    np.testing.assert_array_equal(first["doc_ids"][0], ids)
+    dec = prompts.end_to_end(tok, [recs[0]["question"]], ["ana 0"], k=2, max_len=320)
+    np.testing.assert_array_equal(first["prompt_ids"][0], dec.input_ids[0])
+    np.testing.assert_array_equal(first["labels"][0], dec.labels[0])
+    assert first["pos_mask"][0].tolist() == [1, 0, 0, 0, 0]
+    assert first["truncated_docs"].sum() > 0  # documents of up to 30 words exceed 16 tokens
+
+
+def test_hosts_see_disjoint_complete_shards(tok):
+    recs = e2e_records(12)
+    seen = []
+    for host in range(2):
+        ds = pipeline.make_dataset(recs, tok, SPEC, batch_size=2, shuffle=True, seed=3,
+                                   num_epochs=1, shard_index=host, shard_count=2)
+        seen.append(sorted(int(i) for b in ds for i in b["index"]))
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(12))
+
+
+def test_epochs_reshuffle_and_seed_fixes_order(tok):
+    recs = e2e_records(8)
+    order = lambda seed: [int(i) for b in pipeline.make_dataset(
+        recs, tok, SPEC, batch_size=4, seed=seed, num_epochs=2) for i in b["index"]]
+    a, b = order(0), order(0)
+    assert a == b and sorted(a[:8]) == list(range(8)) and a[:8] != a[8:]
+    assert order(1) != a
+
+
+def test_restored_iterator_continues_exactly(tok):
+    recs = e2e_records(12)
+    ds = pipeline.make_dataset(recs, tok, SPEC, batch_size=3, seed=5)
+    it = pipeline.make_iterator(ds)
+    for _ in range(5):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(4)]
+    fresh = pipeline.make_iterator(pipeline.make_dataset(recs, tok, SPEC, batch_size=3, seed=5))
+    fresh.set_state(state)
+    for want in expected:
+        got = next(fresh)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError, match="larger than num_candidates"):
+        pipeline.FeatureSpec(stage="end_to_end", doc_max_length=16, n_mem=4, max_len=64, k=6,
+                             num_candidates=5)
+    with pytest.raises(ValueError, match="unknown stage"):
+        pipeline.FeatureSpec(stage="stage7", doc_max_length=16, n_mem=4, max_len=64, k=1)
