@@ -238,3 +238,18 @@ def _check_tokenizer_json(path: str) -> None:
         raise ValueError(f"{path}: expected the legacy Llama/Mistral normaliser "
                          f"(Prepend + Replace, no pre-tokenizer); got normalizer={kinds}, "
                          f"pre_tokenizer={spec.get('pre_tokenizer')}")
+
+
+def train_sentencepiece(lines: Iterable[str], model_prefix: str, vocab_size: int = 1000,
+                        seed: int = 0) -> str:
+    """Trains a Llama/Mistral-style sentencepiece BPE model (byte fallback, unk 0 / bos 1 /
+    eos 2, no pad piece, identity normalisation, dummy prefix) on `lines`; returns the path
+    of the `.model` file. Used for tiny models trained from scratch (tests, the demo)."""
+    del seed  # sentencepiece's BPE trainer is deterministic for a given input
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_prefix=model_prefix, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
+        character_coverage=0.9995, num_threads=1, minloglevel=2)
+    return model_prefix + ".model"

@@ -1,0 +1,52 @@
+"""Memory-token compression: a document's final hidden states at its memory tokens.
+
+The encoder input is `<ENC><s>{text}</s>`, left padded to doc_max_length + 3, followed by the
+n memory tokens (see `prompts.encode_documents`), so the memory tokens are always the last n
+positions. It runs through the frozen base under the `encoder` adapter with Hugging Face's
+default positions (0..L-1, padding included), as the official code does; only the final
+(normed) hidden states are computed, never the vocabulary projection.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from clara_jax.model.mistral import Mistral
+
+
+def encode_memory_states(model: Mistral, base: dict, adapter: dict | None, ids: jax.Array,
+                         mask: jax.Array, n_mem: int, *, deterministic: bool = True,
+                         rng: jax.Array | None = None) -> jax.Array:
+    """Final hidden states of the whole encoder input [N, L, D] (L = text slots + n_mem)."""
+    variables = {"params": base} if adapter is None else {"params": base, "lora": adapter}
+    rngs = None if deterministic else {"dropout": rng}
+    out = model.apply(variables, ids, attention_mask=mask, deterministic=deterministic,
+                      compute_logits=False, rngs=rngs)
+    return out.hidden_states
+
+
+def memory_alignment_mse(hidden: jax.Array, mask: jax.Array, n_mem: int) -> jax.Array:
+    """MSE between the mean hidden state over memory positions and over the other attended
+    positions, averaged over documents and features (the official `mse_loss`).
+
+    hidden [N, L, D]; mask [N, L] (1 = attended); memory tokens are the last n_mem positions.
+    """
+    hidden = hidden.astype(jnp.float32)
+    attended = mask.astype(jnp.float32)
+    is_mem = (jnp.arange(hidden.shape[1]) >= hidden.shape[1] - n_mem).astype(jnp.float32)
+    mem_w = attended * is_mem
+    text_w = attended * (1.0 - is_mem)
+    mem_mean = jnp.einsum("nl,nld->nd", mem_w, hidden) / jnp.sum(mem_w, 1, keepdims=True)
+    text_mean = jnp.einsum("nl,nld->nd", text_w, hidden) / jnp.maximum(
+        jnp.sum(text_w, 1, keepdims=True), 1.0)
+    return jnp.mean((text_mean - mem_mean) ** 2)
+
+
+def compress(model: Mistral, base: dict, adapter: dict | None, ids: jax.Array, mask: jax.Array,
+             n_mem: int, *, deterministic: bool = True, rng: jax.Array | None = None
+             ) -> tuple[jax.Array, jax.Array]:
+    """Compresses documents: ids, mask [N, L] -> (memory states [N, n_mem, D], mse scalar)."""
+    hidden = encode_memory_states(model, base, adapter, ids, mask, n_mem,
+                                  deterministic=deterministic, rng=rng)
+    return hidden[:, -n_mem:], memory_alignment_mse(hidden, mask, n_mem)
