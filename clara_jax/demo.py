@@ -69,6 +69,8 @@ def run(workdir: str, seed: int = 0) -> dict:
 
 def main(argv):
     del argv
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)
     run(FLAGS.workdir, FLAGS.seed)
 
 

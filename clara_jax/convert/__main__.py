@@ -1,0 +1,62 @@
+"""Checkpoint conversion.
+
+    python -m clara_jax.convert hf-mistral --model_dir HF_DIR --out_dir CKPT [--dtype bfloat16]
+    python -m clara_jax.convert export-hf --checkpoint CKPT --out_dir HF_DIR [--dtype ...]
+    python -m clara_jax.convert apple --clara_dir RELEASE --base_model_dir HF_DIR --out_dir DIR
+    python -m clara_jax.convert export-apple --checkpoint CLARA_DIR --out_dir RELEASE
+"""
+
+import time
+
+from absl import app, flags
+
+flags.DEFINE_string("model_dir", None, "Hugging Face Mistral directory (config.json, safetensors).")
+flags.DEFINE_string("checkpoint", None, "Our checkpoint directory (or a saved Clara).")
+flags.DEFINE_string("clara_dir", None, "Apple CLaRa release (config.json, adapters.pth, ...).")
+flags.DEFINE_string("base_model_dir", None, "HF base model directory under an Apple release.")
+flags.DEFINE_string("out_dir", None, "Where to write.")
+flags.DEFINE_string("dtype", None, "Cast weights to this dtype (float32, bfloat16, float16).")
+flags.DEFINE_bool("overwrite", False, "Replace a non-empty out_dir.")
+FLAGS = flags.FLAGS
+VERBS = ("hf-mistral", "export-hf", "apple", "export-apple")
+
+
+def _need(*names):
+    missing = [n for n in names if not getattr(FLAGS, n)]
+    if missing:
+        raise app.UsageError(f"missing --{', --'.join(missing)}")
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in VERBS:
+        raise app.UsageError(f"usage: python -m clara_jax.convert {{{'|'.join(VERBS)}}} ...")
+    verb, t0 = argv[1], time.time()
+    if verb == "hf-mistral":
+        from clara_jax.convert.hf_mistral import convert_hf_to_checkpoint
+        _need("model_dir", "out_dir")
+        cfg = convert_hf_to_checkpoint(FLAGS.model_dir, FLAGS.out_dir, FLAGS.dtype,
+                                       FLAGS.overwrite)
+        print(f"{FLAGS.model_dir} -> {FLAGS.out_dir}: {cfg.num_params:,} parameters, "
+              f"{cfg.param_dtype}, {time.time() - t0:.1f} s")
+    elif verb == "export-hf":
+        from clara_jax.convert.hf_mistral import load_checkpoint, save_hf_mistral
+        _need("checkpoint", "out_dir")
+        cfg, params = load_checkpoint(FLAGS.checkpoint)
+        save_hf_mistral(cfg, params, FLAGS.out_dir, FLAGS.dtype)
+        print(f"{FLAGS.checkpoint} -> {FLAGS.out_dir} (HF safetensors), "
+              f"{time.time() - t0:.1f} s")
+    elif verb == "apple":
+        from clara_jax.clara.model import Clara
+        _need("clara_dir", "base_model_dir", "out_dir")
+        Clara.from_apple(FLAGS.clara_dir, FLAGS.base_model_dir, FLAGS.dtype).save(FLAGS.out_dir)
+        print(f"{FLAGS.clara_dir} over {FLAGS.base_model_dir} -> {FLAGS.out_dir}, "
+              f"{time.time() - t0:.1f} s")
+    else:
+        from clara_jax.clara.model import Clara
+        _need("checkpoint", "out_dir")
+        Clara.load(FLAGS.checkpoint).export_apple(FLAGS.out_dir)
+        print(f"{FLAGS.checkpoint} -> {FLAGS.out_dir} (Apple format), {time.time() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    app.run(main)
