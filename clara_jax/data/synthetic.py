@@ -1,0 +1,289 @@
+"""A synthetic world of invented entities, written in CLaRa's JSONL formats (no download).
+
+    python -m clara_jax.data.synthetic --out_dir DIR [--seed 0 --num_entities 240 ...]
+
+People (birthplace, birth year, occupation, employer), organisations (founder, founding
+year, headquarters, industry) and cities (country, founding year) get names made of invented
+syllables, so no real-world knowledge helps. Each entity has one document (about 40-120
+words, facts in shuffled order and varied wording). Train and eval use disjoint people and
+organisations (cities are shared background), so evaluation measures reading documents, not
+memorised facts. Deterministic for a seed.
+
+Files: pretrain_{train,eval}.jsonl (SCP: qa with simple and two-fact questions, paraphrase),
+instruct_{train,eval}.jsonl (k documents, one or two gold), end_to_end_{train,eval}.jsonl and
+eval.jsonl (num_candidates documents with same-type distractors, single- and two-hop
+questions, pos_index), corpus.jsonl ({"id", "text"}), pretrain_text.txt, manifest.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Any
+
+from absl import app, flags
+
+ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr",
+          "kr", "tr", "st", "sk"]
+VOWELS = ["a", "e", "i", "o", "u", "ai", "ou"]
+CODAS = ["", "", "n", "r", "l", "s", "m", "k"]
+OCCUPATIONS = ["painter", "engineer", "farmer", "teacher", "sailor", "baker", "poet",
+               "doctor", "weaver", "miner", "judge", "singer"]
+INDUSTRIES = ["shipping", "textiles", "mining", "printing", "farming", "glassmaking",
+              "banking", "brewing", "clockmaking", "pottery"]
+ORG_KINDS = ["Works", "Company", "Guild", "Group", "House", "Society"]
+
+
+def _syllable(rng: random.Random) -> str:
+    return rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS)
+
+
+def _word(rng: random.Random, n: int) -> str:
+    return "".join(_syllable(rng) for _ in range(n)).capitalize()
+
+
+class World:
+    """Entities with attributes; names are unique."""
+
+    def __init__(self, seed: int, num_people: int, num_orgs: int, num_cities: int,
+                 num_countries: int):
+        rng = random.Random(seed)
+        used: set[str] = set()
+
+        def name(parts: int, syllables: int) -> str:
+            while True:
+                n = " ".join(_word(rng, syllables) for _ in range(parts))
+                if n not in used:
+                    used.add(n)
+                    return n
+
+        self.countries = [name(1, 2) for _ in range(num_countries)]
+        self.cities = [{"type": "city", "name": name(1, 2), "country": rng.choice(self.countries),
+                        "year": rng.randint(900, 1700)} for _ in range(num_cities)]
+        self.people = []
+        for _ in range(num_people):
+            self.people.append({"type": "person", "name": name(2, 2),
+                                "city": rng.choice(self.cities)["name"],
+                                "year": rng.randint(1800, 1990),
+                                "occupation": rng.choice(OCCUPATIONS)})
+        self.orgs = []
+        for i in range(num_orgs):
+            founder = self.people[i % len(self.people)]
+            self.orgs.append({"type": "org", "name": f"{name(1, 2)} {rng.choice(ORG_KINDS)}",
+                              "founder": founder["name"], "year": rng.randint(1850, 2000),
+                              "city": rng.choice(self.cities)["name"],
+                              "industry": rng.choice(INDUSTRIES)})
+            founder.setdefault("employer", self.orgs[-1]["name"])
+        self.rng = rng
+
+    def assign_employers(self, people: list[dict], orgs: list[dict]) -> None:
+        """Gives people without one an employer among `orgs` (same split: no leaks)."""
+        for p in people:
+            p.setdefault("employer", self.rng.choice(orgs)["name"])
+
+
+def _facts(e: dict) -> list[tuple[str, list[str]]]:
+    """(fact key, phrasings) of an entity; {n} is the name (or a pronoun-free reference)."""
+    if e["type"] == "person":
+        return [
+            ("city", [f"{{n}} was born in {e['city']}.", f"The birthplace of {{n}} is {e['city']}.",
+                      f"{{n}} came into the world in the city of {e['city']}."]),
+            ("year", [f"{{n}} was born in the year {e['year']}.",
+                      f"The birth year of {{n}} is {e['year']}.",
+                      f"{{n}} was born in {e['year']}."]),
+            ("occupation", [f"{{n}} worked as a {e['occupation']}.",
+                            f"By trade, {{n}} was a {e['occupation']}.",
+                            f"The occupation of {{n}} was {e['occupation']}."]),
+            ("employer", [f"{{n}} was employed by {e['employer']}.",
+                          f"For many years {{n}} worked for {e['employer']}.",
+                          f"The employer of {{n}} was {e['employer']}."]),
+        ]
+    if e["type"] == "org":
+        return [
+            ("founder", [f"{{n}} was founded by {e['founder']}.",
+                         f"The founder of {{n}} is {e['founder']}.",
+                         f"{e['founder']} started {{n}}."]),
+            ("year", [f"{{n}} was founded in {e['year']}.",
+                      f"The founding year of {{n}} is {e['year']}.",
+                      f"{{n}} opened its doors in {e['year']}."]),
+            ("city", [f"{{n}} has its headquarters in {e['city']}.",
+                      f"The headquarters of {{n}} are in {e['city']}.",
+                      f"{{n}} is based in the city of {e['city']}."]),
+            ("industry", [f"{{n}} works in {e['industry']}.",
+                          f"The industry of {{n}} is {e['industry']}.",
+                          f"{{n}} is known for {e['industry']}."]),
+        ]
+    return [
+        ("country", [f"{{n}} is a city in {e['country']}.", f"{{n}} lies in {e['country']}.",
+                     f"The country of {{n}} is {e['country']}."]),
+        ("year", [f"{{n}} was founded in {e['year']}.", f"The city of {{n}} dates from "
+                  f"{e['year']}.", f"{{n}} was first settled in {e['year']}."]),
+    ]
+
+
+FILLER = ["Records from that time are incomplete.", "Local archives mention this often.",
+          "Little else is known about the early years.", "Many visitors come every spring.",
+          "The story is told in several old books.", "Historians still discuss the details."]
+
+
+def document(e: dict, rng: random.Random) -> str:
+    """One document about an entity: its facts in shuffled order and varied wording."""
+    facts = _facts(e)
+    rng.shuffle(facts)
+    sentences = [rng.choice(p).format(n=e["name"]) for _, p in facts]
+    sentences.insert(rng.randrange(len(sentences) + 1), rng.choice(FILLER))
+    while len(" ".join(sentences).split()) < 30:  # at least ~40 subword tokens
+        sentences.append(rng.choice(FILLER))
+    return " ".join(sentences)
+
+
+def questions(e: dict) -> list[tuple[str, str]]:
+    """Simple one-fact (question, answer) pairs about an entity."""
+    n = e["name"]
+    if e["type"] == "person":
+        return [(f"Where was {n} born?", e["city"]), (f"In which year was {n} born?", str(e["year"])),
+                (f"What was the occupation of {n}?", e["occupation"]),
+                (f"Who employed {n}?", e["employer"])]
+    if e["type"] == "org":
+        return [(f"Who founded {n}?", e["founder"]), (f"When was {n} founded?", str(e["year"])),
+                (f"Where is {n} based?", e["city"]), (f"What industry is {n} in?", e["industry"])]
+    return [(f"In which country is {n}?", e["country"]), (f"When was {n} founded?", str(e["year"]))]
+
+
+def complex_question(e: dict) -> tuple[str, str]:
+    """A question combining two facts of the same document."""
+    n = e["name"]
+    if e["type"] == "person":
+        return (f"Where and in which year was {n} born?", f"{e['city']}, {e['year']}")
+    if e["type"] == "org":
+        return (f"Who founded {n} and in which year?", f"{e['founder']}, {e['year']}")
+    return (f"In which country is {n} and when was it founded?", f"{e['country']}, {e['year']}")
+
+
+def paraphrase(e: dict, rng: random.Random) -> str:
+    facts = _facts(e)
+    rng.shuffle(facts)
+    return " ".join(rng.choice(p).format(n=e["name"]) for _, p in facts)
+
+
+def generate_corpus(out_dir: str, seed: int = 0, num_entities: int = 240,
+                    num_candidates: int = 20, k: int = 5, eval_fraction: float = 0.2,
+                    questions_per_entity: int = 2) -> dict[str, Any]:
+    """Writes the corpus files into out_dir; returns {"files": {...}, "counts": {...}}."""
+    if num_entities < 20:
+        raise ValueError(f"num_entities must be at least 20, got {num_entities}")
+    n_people = num_entities // 2
+    n_orgs = num_entities // 3
+    world = World(seed, n_people, n_orgs, max(num_entities // 8, 6), max(num_entities // 40, 3))
+    rng = random.Random(seed + 1)
+    # Disjoint people / organisations for eval; an org goes to eval with its founder.
+    n_eval_orgs = max(int(len(world.orgs) * eval_fraction), 4)
+    eval_orgs = world.orgs[-n_eval_orgs:]
+    eval_people = {o["founder"] for o in eval_orgs}
+    extra = [p["name"] for p in world.people[len(world.orgs):]]
+    eval_people.update(extra[-max(int(len(extra) * eval_fraction), 1):])
+    split = {"eval": [p for p in world.people if p["name"] in eval_people] + eval_orgs,
+             "train": [p for p in world.people if p["name"] not in eval_people] +
+             world.orgs[:-n_eval_orgs]}
+    by_type = lambda ents, t: [e for e in ents if e["type"] == t]
+    for part in ("train", "eval"):
+        world.assign_employers(by_type(split[part], "person"), by_type(split[part], "org"))
+    docs: dict[str, str] = {}
+    for e in world.people + world.orgs + world.cities:
+        docs[e["name"]] = document(e, rng)
+
+    os.makedirs(out_dir, exist_ok=True)
+    files, counts = {}, {}
+
+    def write(name: str, rows: list) -> None:
+        path = os.path.join(out_dir, name)
+        with open(path, "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        files[name], counts[name] = path, len(rows)
+
+    def candidates(ents: list, gold: list[dict], n: int, r: random.Random) -> tuple[list, list]:
+        """n documents: gold ones plus same-type distractors first, then others; shuffled."""
+        pool = [e for e in ents if e not in gold]
+        same = [e for e in pool if e["type"] == gold[0]["type"]]
+        r.shuffle(same)
+        rest = [e for e in pool if e["type"] != gold[0]["type"]] + world.cities
+        r.shuffle(rest)
+        picked = gold + (same + rest)[:n - len(gold)]
+        r.shuffle(picked)
+        return [docs[e["name"]] for e in picked], [i for i, e in enumerate(picked) if e in gold]
+
+    for part, ents in split.items():
+        r = random.Random(f"{seed}-{part}")
+        ents_all = ents + world.cities
+        pre = []
+        for e in ents_all:
+            qa = questions(e)
+            r.shuffle(qa)
+            qa = qa[:questions_per_entity + 1] + [complex_question(e)]
+            pre.append({"data_type": "qa", "question": [q for q, _ in qa],
+                        "answers": [a for _, a in qa], "docs": [docs[e["name"]]]})
+            pre.append({"data_type": "paraphrase", "question": [""],
+                        "answers": [paraphrase(e, r)], "docs": [docs[e["name"]]]})
+        r.shuffle(pre)
+        write(f"pretrain_{part}.jsonl", pre)
+
+        single, multi = [], []
+        for e in ents:
+            for q, a in questions(e)[:questions_per_entity]:
+                single.append((q, a, [e]))
+        for o in by_type(ents, "org"):
+            founder = next(p for p in world.people if p["name"] == o["founder"])
+            multi.append((f"In which city was the founder of {o['name']} born?",
+                          founder["city"], [o, founder]))
+        instruct, e2e = [], []
+        for q, a, gold in single + multi:
+            d, pos = candidates(ents, gold, k, r)
+            instruct.append({"question": q, "docs": d, "answer": a, "pos_index": pos})
+            d, pos = candidates(ents, gold, num_candidates, r)
+            e2e.append({"question": q, "docs": d, "answer": a, "golden_answers": [a],
+                        "pos_index": pos})
+        r.shuffle(instruct)
+        r.shuffle(e2e)
+        write(f"instruct_{part}.jsonl", instruct)
+        write(f"end_to_end_{part}.jsonl", e2e)
+        if part == "eval":
+            write("eval.jsonl", e2e)
+
+    corpus = [{"id": f"doc{i}", "text": t} for i, t in enumerate(docs.values())]
+    write("corpus.jsonl", corpus)
+    text_path = os.path.join(out_dir, "pretrain_text.txt")
+    with open(text_path, "w", encoding="utf-8") as f:
+        for e in split["train"] + world.cities:
+            f.write(docs[e["name"]] + "\n")
+            for q, a in questions(e):
+                f.write(f"Question: {q} Answer: {a}\n")
+    files["pretrain_text.txt"] = text_path
+    manifest = {"seed": seed, "num_entities": num_entities, "num_candidates": num_candidates,
+                "k": k, "counts": counts, "eval_entities": sorted(e["name"] for e in split["eval"])}
+    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+    return {"files": files, "counts": counts}
+
+
+flags.DEFINE_string("out_dir", None, "Where to write the corpus.")
+flags.DEFINE_integer("seed", 0, "Random seed (same seed and flags: same bytes).")
+flags.DEFINE_integer("num_entities", 240, "People + organisations + cities, roughly.")
+flags.DEFINE_integer("num_candidates", 20, "Candidate documents per end-to-end question.")
+flags.DEFINE_integer("k", 5, "Documents per instruction-tuning question.")
+flags.DEFINE_integer("questions_per_entity", 2, "Simple questions per entity.")
+
+
+def main(argv):
+    del argv
+    out = generate_corpus(flags.FLAGS.out_dir, flags.FLAGS.seed, flags.FLAGS.num_entities,
+                          flags.FLAGS.num_candidates, flags.FLAGS.k,
+                          questions_per_entity=flags.FLAGS.questions_per_entity)
+    for name, n in sorted(out["counts"].items()):
+        print(f"{n:6d}  {out['files'][name]}")
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("out_dir")
+    app.run(main)

@@ -1,0 +1,72 @@
+"""The synthetic corpus: deterministic, valid in every official format, disjoint splits,
+answers present in the positive documents."""
+
+import filecmp
+import json
+import os
+
+import pytest
+
+from clara_jax.data import formats, synthetic
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("syn")
+    return out, synthetic.generate_corpus(str(out), seed=0, num_entities=80,
+                                          num_candidates=12, k=4)
+
+
+def test_deterministic_for_a_seed(corpus, tmp_path):
+    out, info = corpus
+    synthetic.generate_corpus(str(tmp_path / "a"), seed=0, num_entities=80, num_candidates=12,
+                              k=4)
+    synthetic.generate_corpus(str(tmp_path / "b"), seed=1, num_entities=80, num_candidates=12,
+                              k=4)
+    for name in info["files"]:
+        assert filecmp.cmp(out / name, tmp_path / "a" / name, shallow=False), name
+    assert not filecmp.cmp(out / "eval.jsonl", tmp_path / "b" / "eval.jsonl", shallow=False)
+
+
+def test_every_file_reads_in_its_official_format(corpus):
+    out, _ = corpus
+    for part in ("train", "eval"):
+        pre, _ = formats.read_jsonl(str(out / f"pretrain_{part}.jsonl"), "pretrain")
+        assert {r["data_type"] for r in pre} == {"qa", "paraphrase"}
+        ins, _ = formats.read_jsonl(str(out / f"instruct_{part}.jsonl"), "instruct", k=4)
+        e2e, _ = formats.read_jsonl(str(out / f"end_to_end_{part}.jsonl"), "end_to_end",
+                                    num_candidates=12)
+        assert ins and e2e
+        for r in ins + e2e:
+            assert r["pos_index"] and any(r["answers"][0] in r["docs"][i] for i in r["pos_index"])
+        multi = [r for r in e2e if r["question"].startswith("In which city was the founder")]
+        assert multi and all(len(r["pos_index"]) == 2 for r in multi)
+    ev, _ = formats.read_jsonl(str(out / "eval.jsonl"), "eval", num_candidates=12)
+    assert len(ev) > 10
+
+
+def test_single_hop_distractors_do_not_mention_the_subject(corpus):
+    out, _ = corpus
+    e2e, _ = formats.read_jsonl(str(out / "end_to_end_eval.jsonl"), "end_to_end")
+    for r in e2e:
+        if r["question"].startswith("Where was "):
+            subject = r["question"][len("Where was "):-len(" born?")]
+            for i, d in enumerate(r["docs"]):
+                if i not in r["pos_index"]:  # hard distractors may name the subject, not answer
+                    assert not (subject in d and r["answers"][0] in d)
+
+
+def test_train_and_eval_entities_are_disjoint(corpus):
+    out, _ = corpus
+    manifest = json.loads((out / "manifest.json").read_text())
+    eval_names = set(manifest["eval_entities"])
+    train_text = (out / "pretrain_text.txt").read_text()
+    assert eval_names and not any(name in train_text for name in eval_names)
+    train_qs = [json.loads(l)["question"] for l in open(out / "end_to_end_train.jsonl")]
+    assert not any(name in q for q in train_qs for name in eval_names)
+
+
+def test_documents_have_a_useful_length(corpus):
+    out, _ = corpus
+    lengths = [len(json.loads(l)["text"].split()) for l in open(out / "corpus.jsonl")]
+    assert min(lengths) >= 30 and max(lengths) <= 250
