@@ -151,3 +151,30 @@ def feature_shapes(spec: FeatureSpec, batch_size: int) -> dict[str, tuple[int, .
     else:
         shapes.update(doc_ids=(batch_size, spec.k, le), doc_mask=(batch_size, spec.k, le))
     return shapes
+
+
+def pack_text(lines: Sequence[str], tokenizer: ClaraTokenizer, max_len: int) -> np.ndarray:
+    """Tokenises lines as `<s> line </s>` and packs them into rows [R, max_len] (int32) for
+    base-LM pretraining (the last partial row is dropped)."""
+    stream: list[int] = []
+    for line in lines:
+        if line.strip():
+            stream.extend(tokenizer.encode(line.strip(), add_bos=True, add_eos=True))
+    rows = len(stream) // max_len
+    if rows == 0:
+        raise ValueError(f"{len(stream)} tokens of text are fewer than one row of {max_len}")
+    return np.asarray(stream[:rows * max_len], np.int32).reshape(rows, max_len)
+
+
+def text_dataset(rows: np.ndarray, *, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1
+                 ) -> grain.MapDataset:
+    """Batches {"ids": [B, max_len]} of packed text rows, sharded and shuffled like
+    `make_dataset`."""
+    ds = grain.MapDataset.source(rows)[shard_index::shard_count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs)
+    return ds.map(lambda r: {"ids": np.asarray(r, np.int32)}).batch(batch_size,
+                                                                   drop_remainder=True)

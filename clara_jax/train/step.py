@@ -1,0 +1,99 @@
+"""The train state and the training step `(state, batch) -> (state, metrics)` of every stage.
+
+The state holds the frozen base, the adapters this stage trains (`trainable`, the only tree
+the optimizer sees), the adapters it only reads (`frozen`), the optimizer state, the step and
+a PRNG key for LoRA dropout. A step whose loss or gradient is not finite leaves the state
+unchanged and reports `finite = 0`; the loop decides whether to stop or go on.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from clara_jax.clara import losses
+from clara_jax.clara.config import TRAINABLE_ADAPTERS, ClaraConfig, canonical_stage
+from clara_jax.model.mistral import Mistral
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    base: dict
+    trainable: dict
+    frozen: dict
+    opt_state: Any
+    rng: jax.Array
+
+
+def split_adapters(adapters: dict[str, dict], stage: str) -> tuple[dict, dict]:
+    """(trainable, frozen) adapters for a stage; KeyError naming a missing adapter."""
+    names = TRAINABLE_ADAPTERS[canonical_stage(stage)]
+    missing = [n for n in names if n not in adapters]
+    if missing:
+        raise KeyError(f"stage {stage!r} trains adapters {names}; missing {missing}")
+    trainable = {n: adapters[n] for n in names}
+    frozen = {n: a for n, a in adapters.items() if n not in names}
+    return trainable, frozen
+
+
+def create_train_state(base: dict, adapters: dict[str, dict], stage: str,
+                       tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    """A fresh state: optimizer state only for the stage's trainable adapters."""
+    trainable, frozen = split_adapters(adapters, stage)
+    return TrainState(step=jnp.zeros((), jnp.int32), base=base, trainable=trainable,
+                      frozen=frozen, opt_state=tx.init(trainable), rng=rng)
+
+
+def make_train_step(model: Mistral, cfg: ClaraConfig, stage: str,
+                    tx: optax.GradientTransformation,
+                    schedule: Callable[[jax.Array], jax.Array] | None = None,
+                    dropout: bool = True) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Returns `train_step(state, batch) -> (state, metrics)` for a stage (jit it once).
+
+    metrics: loss, ce_loss, mse_loss, grad_norm, learning_rate, finite (1.0 / 0.0), and
+    topk_indices [B, k] in stage 3.
+    """
+    loss_fn = losses.stage_loss(stage)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng, step_rng = jax.random.split(state.rng)
+
+        def objective(trainable):
+            adapters = {**state.frozen, **trainable}
+            return loss_fn(model, state.base, adapters, batch, cfg, deterministic=not dropout,
+                           rng=step_rng)
+
+        (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree_util.tree_map(
+            lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = state.replace(step=state.step + 1, trainable=keep(trainable, state.trainable),
+                                  opt_state=keep(opt_state, state.opt_state), rng=rng)
+        metrics = {k: v for k, v in aux.items()}
+        metrics.update(loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32))
+        if schedule is not None:
+            metrics["learning_rate"] = schedule(state.step)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: Mistral, cfg: ClaraConfig, stage: str
+                   ) -> Callable[[TrainState, dict], dict]:
+    """`eval_step(state, batch) -> metrics` without dropout or updates."""
+    loss_fn = losses.stage_loss(stage)
+
+    def eval_step(state: TrainState, batch: dict) -> dict:
+        adapters = {**state.frozen, **state.trainable}
+        _, metrics = loss_fn(model, state.base, adapters, batch, cfg, deterministic=True)
+        return metrics
+
+    return eval_step

@@ -1,0 +1,519 @@
+"""One trainer for every CLaRa stage (and for pretraining a tiny base LM from scratch).
+
+    python -m clara_jax.train --config=configs/stage1_pretrain.py:model=tiny --workdir=DIR \
+        [--config.total_steps=100 ...]
+
+Reads like big_vision's trainer, top to bottom:
+  1. validate the config (before anything compiles); build the mesh
+  2. load the starting model (`init_from`) and the tokenizer
+  3. data: JSONL files, or the synthetic corpus generated into the work directory
+  4. train state, jitted step, Orbax checkpointer (resume from the latest step if any)
+  5. the loop: metrics (console + TensorBoard), eval, checkpoints, SIGTERM, non-finite guard
+  6. export the trained model to `{workdir}/model` (a `Clara.load`-able directory)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from clara_jax import parallel
+from clara_jax.clara.config import STAGES, ClaraConfig
+from clara_jax.clara.losses import causal_lm_loss
+from clara_jax.clara.tokenizer import ClaraTokenizer, train_sentencepiece
+from clara_jax.data import formats, pipeline
+from clara_jax.model.config import MistralConfig, preset
+from clara_jax.model.lora import LoraConfig
+from clara_jax.model.mistral import Mistral, init_params
+from clara_jax.train import step as step_lib
+from clara_jax.train.checkpoint import Checkpointer
+from clara_jax.train.optim import learning_rate_schedule, make_optimizer
+
+ALL_STAGES = STAGES + ("base_lm",)
+
+
+# -- 1. config ---------------------------------------------------------------------------
+
+def validate_config(c: ml_collections.ConfigDict, n_devices: int | None = None) -> None:
+    """Raises ValueError naming the field of the first invalid setting."""
+    n_devices = n_devices or jax.device_count()
+
+    def bad(field: str, why: str):
+        raise ValueError(f"config.{field}: {why}")
+
+    if c.stage not in ALL_STAGES:
+        bad("stage", f"unknown stage {c.stage!r}; known: {ALL_STAGES}")
+    preset(c.model)  # raises naming the preset
+    if c.doc_max_length <= 0 or c.compress_rate <= 0 or c.doc_max_length % c.compress_rate:
+        bad("doc_max_length", f"{c.doc_max_length} is not a positive multiple of "
+            f"compress_rate {c.compress_rate}")
+    for field in ("total_steps", "batch_size", "max_len", "log_every", "checkpoint_every",
+                  "eval_every", "grad_accum", "lora_rank", "generation_top_k"):
+        if int(c[field]) <= 0:
+            bad(field, f"must be positive, got {c[field]}")
+    if c.learning_rate <= 0:
+        bad("learning_rate", f"must be positive, got {c.learning_rate}")
+    if c.stage in ("end_to_end", "retrieval_pretrain") and c.generation_top_k > c.num_candidates:
+        bad("generation_top_k", f"k={c.generation_top_k} is larger than num_candidates "
+            f"{c.num_candidates}")
+    if c.on_nonfinite not in ("stop", "skip"):
+        bad("on_nonfinite", f"must be 'stop' or 'skip', got {c.on_nonfinite!r}")
+    shape = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
+    try:
+        mesh_shape = parallel.make_mesh(shape, list(range(n_devices))).devices.shape
+    except ValueError as e:
+        bad("mesh", str(e))
+    batch_shards = mesh_shape[0] * mesh_shape[1]
+    if c.batch_size % batch_shards:
+        bad("batch_size", f"{c.batch_size} is not divisible by mesh data x fsdp = {batch_shards}")
+    if c.init_from and not os.path.exists(c.init_from):
+        bad("init_from", f"{c.init_from} does not exist")
+
+
+def clara_config(c: ml_collections.ConfigDict, first_mem_token_id: int) -> ClaraConfig:
+    return ClaraConfig(
+        doc_max_length=c.doc_max_length, compress_rate=c.compress_rate,
+        generation_top_k=c.generation_top_k, sep=c.sep,
+        different_mem_tokens=c.different_mem_tokens, first_mem_token_id=first_mem_token_id,
+        mse_weight=c.mse_weight, temperature=c.temperature,
+        retrieval_temperature=c.retrieval_temperature,
+        lora=LoraConfig(rank=c.lora_rank, alpha=2.0 * c.lora_rank, dropout=0.1))
+
+
+# -- 2. the starting model ----------------------------------------------------------------
+
+def resize_vocab(params: dict, vocab: int, rng: np.random.Generator) -> dict:
+    """Grows embed_tokens and lm_head to `vocab` rows; new rows are the mean of the existing
+    rows plus N(0, 0.02) noise (the added special tokens start near the average token)."""
+    emb = np.asarray(params["embed_tokens"]["embedding"])
+    head = np.asarray(params["lm_head"]["kernel"])
+    old = emb.shape[0]
+    if vocab < old:
+        raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab}")
+    if vocab == old:
+        return params
+    new_e = emb.mean(0) + 0.02 * rng.standard_normal((vocab - old, emb.shape[1]))
+    new_h = head.mean(1)[:, None] + 0.02 * rng.standard_normal((head.shape[0], vocab - old))
+    out = dict(params)
+    out["embed_tokens"] = {"embedding": np.concatenate([emb, new_e.astype(emb.dtype)])}
+    out["lm_head"] = {"kernel": np.concatenate([head, new_h.astype(head.dtype)], axis=1)}
+    return out
+
+
+def fresh_adapters(model_cfg: MistralConfig, lora: LoraConfig, rng: jax.Array) -> dict:
+    """PEFT-initialised encoder, decoder and query-reasoner adapters (B = 0)."""
+    import flax.linen as nn
+    model = Mistral(model_cfg, lora)
+
+    def init(key):
+        return nn.meta.unbox(model.init(key, jnp.zeros((1, 1), jnp.int32))["lora"])
+
+    init = jax.jit(init)
+    keys = jax.random.split(rng, 3)
+    return {name: init(k) for name, k in zip(("encoder", "decoder", "query_reasoner"), keys)}
+
+
+def load_start(c: ml_collections.ConfigDict, workdir: str, text_lines) -> dict:
+    """The run's starting point: {model_cfg, params, adapters (or None), tokenizer_path}.
+
+    init_from may be: a training work directory (its exported `model/`), a saved Clara
+    directory, a converted Hugging Face base (`python -m clara_jax.convert hf-mistral`), or
+    empty: a fresh random `c.model` with a sentencepiece model trained on the run's text.
+    """
+    src = c.init_from
+    if src and os.path.isdir(os.path.join(src, "model")):
+        src = os.path.join(src, "model")
+    if src and os.path.exists(os.path.join(src, "clara_config.json")):
+        from clara_jax.clara.model import Clara
+        clara = Clara.load(src)
+        return {"model_cfg": clara.model_config, "params": clara.params,
+                "adapters": dict(clara.adapters), "tokenizer_path": clara.tokenizer_path}
+    if src and os.path.exists(os.path.join(src, "model_config.json")):
+        from clara_jax.convert.hf_mistral import load_checkpoint
+        model_cfg, params = load_checkpoint(src)
+        tok_path = os.path.join(src, "tokenizer.model")
+        if not os.path.exists(tok_path):
+            raise FileNotFoundError(f"config.init_from: {src} has no tokenizer.model")
+        return {"model_cfg": model_cfg, "params": params, "adapters": None,
+                "tokenizer_path": tok_path}
+    if src:
+        raise ValueError(f"config.init_from: {src} is neither a work directory, a saved Clara "
+                         f"nor a converted checkpoint (no model/, clara_config.json or "
+                         f"model_config.json)")
+    # From scratch: a tokenizer trained on the run's text, a random base of the preset shape.
+    tok_dir = os.path.join(workdir, "tokenizer")
+    os.makedirs(tok_dir, exist_ok=True)
+    tok_path = os.path.join(tok_dir, "tokenizer.model")
+    vocab = int(c.get("vocab_size", preset(c.model).vocab_size))
+    if not os.path.exists(tok_path):
+        made = train_sentencepiece(text_lines(), os.path.join(tok_dir, "tokenizer"), vocab)
+        assert made == tok_path
+    model_cfg = preset(c.model, vocab_size=vocab)
+    return {"model_cfg": model_cfg, "params": jax.device_get(init_params(
+        model_cfg, jax.random.key(c.seed))), "adapters": None, "tokenizer_path": tok_path}
+
+
+# -- 3. data -------------------------------------------------------------------------------
+
+def data_files(c: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+    """The run's files by role: train / eval JSONL, text. Generates the synthetic corpus into
+    `{workdir}/data` when config.data.train_files is empty."""
+    if c.data.train_files:
+        return {"train": c.data.train_files, "eval": c.data.eval_files or "",
+                "text": c.data.train_files}
+    from clara_jax.data import synthetic
+    out = os.path.join(workdir, "data")
+    if not os.path.exists(os.path.join(out, "manifest.json")):
+        synthetic.generate_corpus(out, seed=c.seed, num_entities=c.data.synthetic_entities,
+                                  num_candidates=c.num_candidates, k=c.generation_top_k)
+    fmt = {"pretrain": "pretrain", "instruct": "instruct", "end_to_end": "end_to_end",
+           "retrieval_pretrain": "end_to_end", "base_lm": "pretrain"}[c.stage]
+    return {"train": os.path.join(out, f"{fmt}_train.jsonl"),
+            "eval": os.path.join(out, f"{fmt}_eval.jsonl"),
+            "text": os.path.join(out, "pretrain_text.txt")}
+
+
+def feature_spec(c: ml_collections.ConfigDict, n_mem: int, k_instruct: int) -> pipeline.FeatureSpec:
+    k = {"pretrain": c.pretrain_k, "instruct": k_instruct}.get(c.stage, c.generation_top_k)
+    return pipeline.FeatureSpec(stage=c.stage, doc_max_length=c.doc_max_length, n_mem=n_mem,
+                                max_len=c.max_len, k=k, num_candidates=c.num_candidates,
+                                query_max_length=c.query_max_length)
+
+
+def read_records(c, files: str, workdir: str, role: str) -> list[dict]:
+    fmt = pipeline.STAGE_FORMAT[c.stage]
+    records, report = formats.read_jsonl(
+        files, fmt, num_candidates=c.num_candidates if fmt != "instruct" else None,
+        skip_invalid=c.data.skip_invalid)
+    if report.skipped:
+        path = os.path.join(workdir, f"skipped_{role}.txt")
+        report.write_skipped(path)
+        print(f"{role}: skipped {len(report.skipped)} invalid lines (listed in {path})")
+    return records
+
+
+# -- 4./5. the run ------------------------------------------------------------------------
+
+def _local_batch_to_global(batch: dict, sharding_fn) -> dict:
+    return {k: jax.make_array_from_process_local_data(sharding_fn(v.ndim), np.asarray(v))
+            for k, v in batch.items()}
+
+
+def _model_flops(model_cfg: MistralConfig, batch: dict, stage: str) -> float:
+    """Matmul FLOPs of one train step (forward + backward = 3 x forward), from token counts."""
+    fwd = 0.0
+    if "ids" in batch:
+        return 3.0 * batch["ids"].size * model_cfg.flops_per_token(batch["ids"].shape[-1])
+    for ids_key in ("doc_ids", "query_ids"):
+        if ids_key in batch:
+            length = batch[ids_key].shape[-1]
+            fwd += batch[ids_key].size * model_cfg.flops_per_token(length, compute_logits=False)
+    fwd += batch["prompt_ids"].size * model_cfg.flops_per_token(batch["prompt_ids"].shape[-1])
+    return 3.0 * fwd
+
+
+def _retrieval_metrics(topk: np.ndarray, pos_mask: np.ndarray) -> dict:
+    has = pos_mask.sum(1) > 0
+    if not has.any():
+        return {}
+    hit1 = pos_mask[np.arange(len(topk)), topk[:, 0]] > 0
+    found = np.take_along_axis(pos_mask, topk, axis=1).sum(1)
+    recall_k = found / np.maximum(pos_mask.sum(1), 1)
+    return {"recall@1": float(hit1[has].mean()), f"recall@{topk.shape[1]}":
+            float(recall_k[has].mean())}
+
+
+def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Runs (or resumes) a training run; returns the final summary (also in summary.json)."""
+    validate_config(c)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(c.to_json(indent=2))
+    mesh = parallel.make_mesh([c.mesh.data, c.mesh.fsdp, c.mesh.tensor])
+    files = data_files(c, workdir)
+
+    def text_lines():
+        out = []
+        for path in formats.expand_paths(files["text"]):
+            if path.endswith(".txt"):
+                with open(path) as f:
+                    out.extend(f.read().splitlines())
+            else:
+                recs, _ = formats.read_jsonl(path, pipeline.STAGE_FORMAT.get(c.stage, "pretrain"),
+                                             skip_invalid=True)
+                out.extend(d for r in recs for d in r["docs"])
+        return out
+
+    start = load_start(c, workdir, text_lines)
+    rng = np.random.default_rng(c.seed)
+    base_lm = c.stage == "base_lm"
+    if base_lm:
+        tok = ClaraTokenizer.from_file(start["tokenizer_path"], n_mem=1)
+        model_cfg = start["model_cfg"]
+        cfg = None
+    else:
+        tok = ClaraTokenizer.from_file(start["tokenizer_path"], c.doc_max_length // c.compress_rate,
+                                       c.different_mem_tokens)
+        cfg = clara_config(c, tok.mem_token_ids[0])
+        model_cfg = start["model_cfg"]
+        params = start["params"]
+        if model_cfg.vocab_size < tok.vocab_size:
+            params = resize_vocab(params, tok.vocab_size, rng)
+            model_cfg = model_cfg.replace(vocab_size=tok.vocab_size)
+        start["params"] = params
+    model = Mistral(model_cfg, None if base_lm else cfg.lora)
+
+    # Data.
+    shard_index, shard_count = pipeline.host_shard()
+    local_bs = c.batch_size // shard_count
+    if base_lm:
+        rows = pipeline.pack_text(text_lines(), tok, c.max_len)
+        n_eval = max(len(rows) // 20, local_bs)
+        train_ds = pipeline.text_dataset(rows[n_eval:], batch_size=local_bs, seed=c.seed,
+                                         shard_index=shard_index, shard_count=shard_count)
+        eval_ds = pipeline.text_dataset(rows[:n_eval], batch_size=local_bs, shuffle=False,
+                                        num_epochs=1, shard_index=shard_index,
+                                        shard_count=shard_count)
+    else:
+        train_records = read_records(c, files["train"], workdir, "train")
+        k_instruct = len(train_records[0]["docs"]) if c.stage == "instruct" else c.generation_top_k
+        spec = feature_spec(c, cfg.n_mem, k_instruct)
+        train_ds = pipeline.make_dataset(train_records, tok, spec, batch_size=local_bs,
+                                         seed=c.seed, shard_index=shard_index,
+                                         shard_count=shard_count)
+        eval_ds = None
+        if files["eval"]:
+            eval_records = read_records(c, files["eval"], workdir, "eval")
+            eval_ds = pipeline.make_dataset(eval_records, tok, spec, batch_size=local_bs,
+                                            shuffle=False, num_epochs=1,
+                                            shard_index=shard_index, shard_count=shard_count)
+
+    # State, step, checkpoints.
+    schedule = learning_rate_schedule(c.learning_rate, c.total_steps, c.warmup_ratio,
+                                      c.min_lr_ratio)
+    tx = make_optimizer(c.learning_rate, c.total_steps, warmup_ratio=c.warmup_ratio,
+                        min_lr_ratio=c.min_lr_ratio, b1=c.b1, b2=c.b2,
+                        weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm,
+                        accumulation_steps=c.grad_accum)
+    from clara_jax.model.mistral import logical_axes
+    specs = logical_axes(model_cfg, None if base_lm else cfg.lora)
+    param_sharding = parallel.logical_sharding(specs["params"], mesh)
+    params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, start["params"]), param_sharding)
+    if base_lm:
+        adapters = {"base": params}
+        state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), base={},
+                                    trainable={"base": params}, frozen={},
+                                    opt_state=tx.init({"base": params}),
+                                    rng=jax.random.key(c.seed))
+        train_step = make_base_lm_step(model, tx, schedule)
+        eval_step = make_base_lm_eval(model)
+    else:
+        adapters = start["adapters"] or fresh_adapters(model_cfg, cfg.lora,
+                                                       jax.random.key(c.seed + 1))
+        if "query_reasoner" not in adapters:
+            adapters["query_reasoner"] = adapters["encoder"]
+        lora_sharding = parallel.logical_sharding(specs["lora"], mesh)
+        adapters = {n: jax.device_put(jax.tree_util.tree_map(jnp.asarray, a), lora_sharding)
+                    for n, a in adapters.items()}
+        state = step_lib.create_train_state(params, adapters, c.stage, tx,
+                                            jax.random.key(c.seed))
+        train_step = step_lib.make_train_step(model, cfg, c.stage, tx, schedule, c.dropout)
+        eval_step = step_lib.make_eval_step(model, cfg, c.stage)
+    train_step = jax.jit(train_step, donate_argnums=(0,))
+    eval_step = jax.jit(eval_step)
+
+    ckpt = Checkpointer(workdir, keep=c.keep_checkpoints)
+    data_it = pipeline.make_iterator(train_ds, worker_count=c.data.worker_count)
+    first_step = 0
+    if ckpt.latest_step() is not None:
+        state, data_state = ckpt.restore(state)
+        if data_state is not None:
+            data_it.set_state(data_state)
+        first_step = int(state.step)
+        print(f"resumed from {ckpt.directory} at step {first_step}")
+
+    stop = {"signal": None}
+    previous = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
+    writer = _summary_writer(workdir)
+    batch_sharding = lambda ndim: parallel.batch_sharding(mesh, ndim)
+    history: list[dict] = []
+    last: dict[str, Any] = {}
+    t_last, steps_since, tokens_since, flops_since = time.time(), 0, 0, 0.0
+    progress = _progress(first_step, c.total_steps)
+    try:
+        with mesh, parallel.axis_rules():
+            for step in range(first_step, c.total_steps):
+                batch = next(data_it)
+                counts = {k: int(np.sum(batch.pop(k))) for k in ("truncated_docs",
+                                                                  "truncated_prompt")
+                          if k in batch}
+                pos_mask = batch.pop("pos_mask", None)
+                batch.pop("index", None)
+                tokens_since += int(sum(np.sum(batch[k]) for k in batch if k.endswith("mask"))
+                                    if not base_lm else batch["ids"].size)
+                flops_since += _model_flops(model_cfg, batch, c.stage)
+                state, metrics = train_step(state, _local_batch_to_global(batch, batch_sharding))
+                steps_since += 1
+                done = step + 1
+                if done % c.log_every == 0 or done == c.total_steps:
+                    m = jax.device_get(metrics)
+                    if not float(m["finite"]):
+                        _nonfinite(c, ckpt, done)
+                    elapsed = time.time() - t_last
+                    row = {"step": done, **{k: float(v) for k, v in m.items()
+                                            if np.ndim(v) == 0 and k != "finite"},
+                           "steps_per_s": steps_since / elapsed,
+                           "tokens_per_s": tokens_since / elapsed,
+                           "model_flops_per_s": flops_since / elapsed, **counts}
+                    if pos_mask is not None and "topk_indices" in m:
+                        row.update(_retrieval_metrics(np.asarray(m["topk_indices"]), pos_mask))
+                    history.append(row)
+                    last = row
+                    _log(writer, row, "train")
+                    progress(done, row)
+                    t_last, steps_since, tokens_since, flops_since = time.time(), 0, 0, 0.0
+                elif c.on_nonfinite == "stop" and not bool(metrics["finite"]):
+                    _nonfinite(c, ckpt, done)
+                if eval_ds is not None and (done % c.eval_every == 0 or done == c.total_steps):
+                    ev = evaluate_loss(eval_step, state, eval_ds, c.eval_batches, batch_sharding)
+                    ev["step"] = done
+                    _log(writer, ev, "eval")
+                    last.update({f"eval_{k}": v for k, v in ev.items() if k != "step"})
+                    print(f"  eval @ {done}: " + ", ".join(
+                        f"{k}={v:.4f}" for k, v in ev.items() if k != "step"))
+                if done % c.checkpoint_every == 0 or done == c.total_steps or stop["signal"]:
+                    ckpt.save(done, state, data_it.get_state(), force=True)
+                if stop["signal"]:
+                    ckpt.wait()
+                    print(f"SIGTERM: saved step {done} to {ckpt.directory}; exiting")
+                    break
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        ckpt.close()
+        if writer is not None:
+            writer.close()
+
+    summary = {"stage": c.stage, "steps": int(state.step), "last": last}
+    if int(state.step) >= c.total_steps:
+        export_model(workdir, model_cfg, cfg, state, start["tokenizer_path"], base_lm)
+        summary["model_dir"] = os.path.join(workdir, "model")
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in history)
+    return summary
+
+
+def evaluate_loss(eval_step, state, eval_ds, max_batches: int, batch_sharding) -> dict:
+    """Mean of the eval metrics (scalars) over up to max_batches held-out batches."""
+    sums: dict[str, float] = {}
+    n = 0
+    for batch in eval_ds:
+        if n >= max_batches:
+            break
+        for key in ("truncated_docs", "truncated_prompt", "pos_mask", "index"):
+            batch.pop(key, None)
+        m = jax.device_get(eval_step(state, _local_batch_to_global(batch, batch_sharding)))
+        for k, v in m.items():
+            if np.ndim(v) == 0:
+                sums[k] = sums.get(k, 0.0) + float(v)
+        n += 1
+    return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def export_model(workdir: str, model_cfg: MistralConfig, cfg: ClaraConfig | None, state,
+                 tokenizer_path: str, base_lm: bool) -> None:
+    """Writes `{workdir}/model`: a saved Clara (stages) or a converted-style base (base_lm)."""
+    out = os.path.join(workdir, "model")
+    if base_lm:
+        from clara_jax.convert.hf_mistral import save_checkpoint
+        save_checkpoint(out, model_cfg, jax.device_get(state.trainable["base"]), tokenizer_path)
+        return
+    from clara_jax.clara.model import Clara
+    tok = ClaraTokenizer.from_file(tokenizer_path, cfg.n_mem, cfg.different_mem_tokens)
+    adapters = {**state.frozen, **state.trainable}
+    Clara(model_cfg, cfg, jax.device_get(state.base), jax.device_get(adapters), tok,
+          tokenizer_path=tokenizer_path).save(out)
+
+
+def make_base_lm_step(model: Mistral, tx: optax.GradientTransformation, schedule):
+    """Next-token training of all base weights on packed text: batch {"ids": [B, L]}."""
+
+    def train_step(state, batch):
+        def objective(trainable):
+            logits = model.apply({"params": trainable["base"]}, batch["ids"]).logits
+            return causal_lm_loss(logits, batch["ids"])
+
+        loss, grads = jax.value_and_grad(objective)(state.trainable)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        trainable = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o),
+                                           optax.apply_updates(state.trainable, updates),
+                                           state.trainable)
+        opt_state = jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), opt_state,
+                                           state.opt_state)
+        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), {
+            "loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
+            "learning_rate": schedule(state.step)}
+
+    return train_step
+
+
+def make_base_lm_eval(model: Mistral):
+    def eval_step(state, batch):
+        logits = model.apply({"params": state.trainable["base"]}, batch["ids"]).logits
+        return {"loss": causal_lm_loss(logits, batch["ids"])}
+
+    return eval_step
+
+
+def _nonfinite(c, ckpt: Checkpointer, step: int) -> None:
+    if c.on_nonfinite == "stop":
+        ckpt.wait()
+        raise FloatingPointError(
+            f"non-finite loss or gradient at step {step}; the update was not applied and the "
+            f"last good checkpoint (step {ckpt.latest_step()}) is kept. Set "
+            f"--config.on_nonfinite=skip to skip such updates instead.")
+    print(f"step {step}: non-finite loss or gradient, update skipped")
+
+
+def _summary_writer(workdir: str):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # pragma: no cover
+        return None
+    return SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+
+def _log(writer, row: dict, prefix: str) -> None:
+    if writer is None:
+        return
+    for k, v in row.items():
+        if k != "step" and isinstance(v, (int, float)):
+            writer.add_scalar(f"{prefix}/{k}", v, row["step"])
+    writer.flush()
+
+
+def _progress(first: int, total: int):
+    """A tqdm bar (to stderr) showing step, loss and throughput."""
+    from tqdm import tqdm
+    bar = tqdm(total=total, initial=first, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+    def update(done: int, row: dict) -> None:
+        bar.update(done - bar.n)
+        bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "mse_loss", "grad_norm",
+                                                      "tokens_per_s", "recall@1") if k in row})
+        if done >= total:
+            bar.close()
+
+    return update

@@ -1,0 +1,79 @@
+"""Shared pieces of the stage configs: argument parsing and the fields every stage has.
+
+Official defaults (apple/ml-clara scripts): doc_max_length 256, compress_rate 32, LoRA r 16
+(alpha 2r, dropout 0.1), AdamW betas (0.9, 0.95), cosine schedule to 0.1 x lr after a 3%
+warmup, max grad norm 1.0, mse weight 0.1, generation_top_k 5, 20 candidates in stage 3,
+top-k temperature 0.02. The `tiny` model shrinks lengths and steps so a stage runs on a CPU
+in about a minute; everything else keeps the official values unless a config says why.
+"""
+
+import ml_collections
+
+
+def parse_arg(arg: str, **defaults) -> ml_collections.ConfigDict:
+    """`key=value,key=value` after the colon of `--config=file.py:...` -> ConfigDict, typed
+    like the defaults; unknown keys raise."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (s.strip() for s in (arg or "").split(","))):
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise KeyError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+        kind = type(defaults[key])
+        out[key] = (value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+    return out
+
+
+def base_config(stage: str, model: str) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = stage
+    c.model = model
+    c.init_from = ""           # start checkpoint: a workdir, a saved Clara, a converted HF base
+    c.seed = 0
+    tiny = model == "tiny"
+    c.total_steps = 300 if tiny else 10_000
+    c.batch_size = 16 if tiny else 128
+    c.grad_accum = 1
+    c.learning_rate = 1e-3 if tiny else 1e-4
+    c.warmup_ratio = 0.03
+    c.min_lr_ratio = 0.1
+    c.b1, c.b2 = 0.9, 0.95
+    c.weight_decay = 0.0
+    c.max_grad_norm = 1.0
+    c.dropout = True           # LoRA dropout 0.1 in training, as officially
+    c.on_nonfinite = "stop"    # or "skip": leave the state unchanged and go on
+    c.log_every = 10
+    c.eval_every = 100 if tiny else 1000
+    c.eval_batches = 4
+    c.checkpoint_every = 100 if tiny else 1000
+    c.keep_checkpoints = 2
+
+    c.doc_max_length = 64 if tiny else 256
+    c.compress_rate = 4 if tiny else 32
+    c.max_len = 256 if tiny else 2048
+    c.query_max_length = 0     # 0: queries encoded like documents (doc_max_length)
+    c.generation_top_k = 5
+    c.num_candidates = 20
+    c.pretrain_k = 1           # documents per SCP record
+    c.sep = True
+    c.different_mem_tokens = True
+    c.mse_weight = 0.1
+    c.temperature = 0.02
+    c.retrieval_temperature = 0.02
+    c.lora_rank = 16
+    c.optimize_mem_tokens = False
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_files = ""    # JSONL paths or globs; empty: the synthetic corpus (generated)
+    c.data.eval_files = ""
+    c.data.skip_invalid = False
+    c.data.worker_count = 0
+    c.data.synthetic_entities = 240
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.end_to_end = ml_collections.ConfigDict()
+    c.end_to_end.cache_candidates = True
+    return c

@@ -1,0 +1,16 @@
+# python -m clara_jax.train --config=configs/pretrain_base_tiny.py --workdir=workdir/base
+"""Pretrain a tiny Mistral base LM from scratch on the synthetic corpus's plain text (CPU),
+so the CLaRa stages have a base model that can read without any download."""
+
+from configs import common
+
+
+def get_config(arg: str = ""):
+    a = common.parse_arg(arg, model="tiny", steps=1500)
+    c = common.base_config("base_lm", a.model)
+    c.total_steps = a.steps
+    c.batch_size = 32
+    c.learning_rate = 3e-3
+    c.max_len = 128
+    c.vocab_size = 1024        # sentencepiece model trained on the synthetic text
+    return c
