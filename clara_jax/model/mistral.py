@@ -218,10 +218,8 @@ class Mistral(nn.Module):
         hidden = constrain(hidden, ("batch", "length", "embed"))
         logits = None
         if compute_logits or self.is_initializing():
-            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                              kernel_init=nn.with_logical_partitioning(
-                                  nn.initializers.normal(0.02), ("embed", "vocab")),
-                              name="lm_head")(hidden)
+            logits = Linear((c.vocab_size,), ("embed", "vocab"), dtype=dtype,
+                            param_dtype=param_dtype, name="lm_head")(hidden)
             logits = constrain(logits, ("batch", "length", "vocab"))
         new_cache = None
         if kv_cache is not None:

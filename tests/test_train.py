@@ -1,0 +1,161 @@
+"""The trainer: config validation before compiling, learning on the synthetic data, exact
+resume after a hard kill, sharded steps equal across meshes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clara_jax.train import train as train_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def config(name="configs/stage1_pretrain.py", arg=""):
+    sys.path.insert(0, ROOT)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, name))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("doc_max_length", 30, "doc_max_length: 30 is not a positive multiple of compress_rate 4"),
+    ("stage", "stage9", "stage: unknown stage"),
+    ("batch_size", 3, "batch_size: 3 is not divisible by mesh data x fsdp = 8"),
+    ("init_from", "/nonexistent/dir", "init_from: /nonexistent/dir does not exist"),
+])
+def test_invalid_configs_fail_naming_the_field(field, value, message):
+    c = config()
+    c[field] = value
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        train_lib.validate_config(c, n_devices=8)
+
+
+def test_k_larger_than_candidates_and_bad_mesh():
+    c = config("configs/stage3_end_to_end.py")
+    c.generation_top_k = 21
+    with pytest.raises(ValueError, match="generation_top_k: k=21 is larger than num_candidates 20"):
+        train_lib.validate_config(c, n_devices=8)
+    c = config()
+    c.mesh.data, c.mesh.fsdp = 3, 1
+    with pytest.raises(ValueError, match="mesh: mesh shape .* does not divide the 8 devices"):
+        train_lib.validate_config(c, n_devices=8)
+
+
+def tiny_run(workdir, stage_file, steps, **overrides):
+    c = config(stage_file)
+    c.total_steps = steps
+    c.batch_size = 8
+    c.log_every = 1
+    c.eval_every = 1000
+    c.checkpoint_every = 1000
+    c.max_len = 128
+    c.data.synthetic_entities = 60
+    for k, v in overrides.items():
+        if "." in k:
+            a, b = k.split(".")
+            c[a][b] = v
+        else:
+            c[k] = v
+    return train_lib.train(c, str(workdir))
+
+
+@pytest.mark.slow
+def test_base_then_stage1_losses_go_down(tmp_path):
+    base = tiny_run(tmp_path / "base", "configs/pretrain_base_tiny.py", 40, learning_rate=3e-3,
+                    vocab_size=400)
+    rows = [json.loads(l) for l in open(tmp_path / "base" / "metrics.jsonl")]
+    assert np.mean([r["loss"] for r in rows[-5:]]) < np.mean([r["loss"] for r in rows[:5]]) - 0.5
+    s1 = tiny_run(tmp_path / "s1", "configs/stage1_pretrain.py", 30, learning_rate=1e-3,
+                  init_from=base["model_dir"], max_len=192, doc_max_length=32)
+    rows = [json.loads(l) for l in open(tmp_path / "s1" / "metrics.jsonl")]
+    assert np.mean([r["loss"] for r in rows[-5:]]) < np.mean([r["loss"] for r in rows[:5]])
+    from clara_jax import Clara
+    model = Clara.load(s1["model_dir"])
+    assert model.compress_documents(["Ana was born in Zan."]).shape == (1, 8, 128)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_identical_parameters(tmp_path):
+    args = ["--config=configs/pretrain_base_tiny.py:steps=12", "--config.batch_size=8",
+            "--config.max_len=64", "--config.log_every=1", "--config.checkpoint_every=3",
+            "--config.eval_every=1000", "--config.data.synthetic_entities=40",
+            "--config.vocab_size=300"]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    run = lambda wd: subprocess.Popen([sys.executable, "-m", "clara_jax.train", f"--workdir={wd}",
+                                       *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+    assert run(tmp_path / "a").wait() == 0
+    proc = run(tmp_path / "b")
+    ckpt = tmp_path / "b" / "checkpoints" / "3"
+    deadline = time.time() + 300
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    killed = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert killed, "the run finished before it could be killed"
+    assert run(tmp_path / "b").wait() == 0
+    from clara_jax.convert.hf_mistral import load_checkpoint
+    _, a = load_checkpoint(str(tmp_path / "a" / "model"))
+    _, b = load_checkpoint(str(tmp_path / "b" / "model"))
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(x, y)  # bitwise on CPU
+
+
+def test_train_step_is_the_same_on_every_mesh():
+    from clara_jax import parallel
+    from clara_jax.clara.config import ClaraConfig
+    from clara_jax.model.config import preset
+    from clara_jax.model.lora import LoraConfig
+    from clara_jax.model.mistral import Mistral, init_params, logical_axes
+    from clara_jax.train import step as step_lib
+    from clara_jax.train.optim import make_optimizer
+
+    mcfg = preset("tiny", num_heads=4, num_kv_heads=2, vocab_size=512)
+    ccfg = ClaraConfig(doc_max_length=16, compress_rate=4, generation_top_k=2,
+                       first_mem_token_id=500, lora=LoraConfig(rank=4, alpha=8, dropout=0.1))
+    model = Mistral(mcfg, ccfg.lora)
+    base = init_params(mcfg, jax.random.key(0))
+    adapters = train_lib.fresh_adapters(mcfg, ccfg.lora, jax.random.key(1))
+    adapters = jax.tree_util.tree_map(lambda x: x + 0.01, adapters)  # non-zero B
+    rng = np.random.RandomState(0)
+    b, k = 8, 2
+    le = 16 + 3 + 4
+    doc_ids = rng.randint(3, 500, (b, k, le))
+    doc_ids[..., -4:] = np.arange(500, 504)
+    prompt = rng.randint(3, 500, (b, 40))
+    prompt[:, 5:15] = np.tile(np.r_[500:504, 506, 500:504, 506], (b, 1))
+    labels = np.where(np.arange(40) >= 30, prompt, -100)
+    batch = {"doc_ids": doc_ids, "doc_mask": np.ones_like(doc_ids), "prompt_ids": prompt,
+             "prompt_mask": np.ones_like(prompt), "labels": labels}
+    tx = make_optimizer(1e-3, 10)
+    step = step_lib.make_train_step(model, ccfg, "instruct", tx, dropout=True)
+    specs = logical_axes(mcfg, ccfg.lora)
+    results = []
+    for shape in [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]:
+        n = int(np.prod(shape))
+        mesh = parallel.make_mesh(shape, jax.devices()[:n])
+        p = jax.device_put(base, parallel.logical_sharding(specs["params"], mesh))
+        a = {name: jax.device_put(t, parallel.logical_sharding(specs["lora"], mesh))
+             for name, t in adapters.items()}
+        state = step_lib.create_train_state(p, a, "instruct", tx, jax.random.key(2))
+        gb = {key: jax.device_put(jnp.asarray(v), parallel.batch_sharding(mesh, v.ndim))
+              for key, v in batch.items()}
+        with mesh, parallel.axis_rules():
+            new_state, metrics = jax.jit(step)(state, gb)
+        results.append((float(metrics["loss"]), jax.device_get(new_state.trainable)))
+    for loss, trainable in results[1:]:
+        assert abs(loss - results[0][0]) < 1e-5
+        diff = jax.tree_util.tree_map(lambda x, y: float(np.abs(x - y).max()), trainable,
+                                      results[0][1])
+        assert max(jax.tree_util.tree_leaves(diff)) < 1e-5
