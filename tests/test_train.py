@@ -89,12 +89,17 @@ def test_resume_after_sigkill_gives_identical_parameters(tmp_path):
     args = ["--config=configs/pretrain_base_tiny.py:steps=12", "--config.batch_size=8",
             "--config.max_len=64", "--config.log_every=1", "--config.checkpoint_every=3",
             "--config.eval_every=1000", "--config.data.synthetic_entities=40",
-            "--config.vocab_size=300"]
+            "--config.vocab_size=400"]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     run = lambda wd: subprocess.Popen([sys.executable, "-m", "clara_jax.train", f"--workdir={wd}",
                                        *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL)
-    assert run(tmp_path / "a").wait() == 0
+                                      stderr=subprocess.PIPE, text=True)
+
+    def finish(proc):
+        _, err = proc.communicate()
+        assert proc.returncode == 0, err[-3000:]
+
+    finish(run(tmp_path / "a"))
     proc = run(tmp_path / "b")
     ckpt = tmp_path / "b" / "checkpoints" / "3"
     deadline = time.time() + 300
@@ -102,9 +107,9 @@ def test_resume_after_sigkill_gives_identical_parameters(tmp_path):
         time.sleep(0.05)
     killed = proc.poll() is None
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     assert killed, "the run finished before it could be killed"
-    assert run(tmp_path / "b").wait() == 0
+    finish(run(tmp_path / "b"))
     from clara_jax.convert.hf_mistral import load_checkpoint
     _, a = load_checkpoint(str(tmp_path / "a" / "model"))
     _, b = load_checkpoint(str(tmp_path / "b" / "model"))

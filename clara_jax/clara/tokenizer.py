@@ -245,11 +245,12 @@ def train_sentencepiece(lines: Iterable[str], model_prefix: str, vocab_size: int
     """Trains a Llama/Mistral-style sentencepiece BPE model (byte fallback, unk 0 / bos 1 /
     eos 2, no pad piece, identity normalisation, dummy prefix) on `lines`; returns the path
     of the `.model` file. Used for tiny models trained from scratch (tests, the demo)."""
-    del seed  # sentencepiece's BPE trainer is deterministic for a given input
+    spm.set_random_generator_seed(seed)  # sentencepiece samples sentences at random
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=model_prefix, vocab_size=vocab_size,
         model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
-        character_coverage=0.9995, num_threads=1, minloglevel=2)
+        character_coverage=0.9995, num_threads=1, minloglevel=2,
+        shuffle_input_sentence=False)
     return model_prefix + ".model"

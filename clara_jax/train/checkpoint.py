@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from clara_jax.train.step import TrainState
 
@@ -42,18 +43,24 @@ class Checkpointer:
             args["data"] = ocp.args.JsonSave(data_state)
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
-    def restore(self, template: TrainState, step: int | None = None
+    def restore(self, template: TrainState, mesh: Mesh | None = None, step: int | None = None
                 ) -> tuple[TrainState, Any | None]:
-        """Restores onto the shapes and shardings of `template` (so onto any mesh)."""
+        """Restores onto the shapes and shardings of `template` (so onto any mesh); leaves
+        of the template that live on one device (step, rng, optimizer counts) are restored
+        replicated over `mesh`."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        abstract = jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-            _saved_part(template))
-        items = self.manager.item_metadata(step)
+
+        def target(x):
+            sharding = getattr(x, "sharding", None)
+            if mesh is not None and (sharding is None or len(sharding.device_set) == 1):
+                sharding = NamedSharding(mesh, PartitionSpec())
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+        abstract = jax.tree_util.tree_map(target, _saved_part(template))
         args = {"state": ocp.args.StandardRestore(abstract)}
-        has_data = items is not None and "data" in items and items["data"] is not None
+        has_data = os.path.isdir(os.path.join(self.directory, str(step), "data"))
         if has_data:
             args["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**args))

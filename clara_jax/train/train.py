@@ -335,7 +335,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     data_it = pipeline.make_iterator(train_ds, worker_count=c.data.worker_count)
     first_step = 0
     if ckpt.latest_step() is not None:
-        state, data_state = ckpt.restore(state)
+        state, data_state = ckpt.restore(state, mesh)
         if data_state is not None:
             data_it.set_state(data_state)
         first_step = int(state.step)
