@@ -1,6 +1,6 @@
 """grain input pipelines: records -> fixed-shape numpy batches for each CLaRa stage.
 
-    records (formats.read_jsonl, or a TFDS data source) -> MapDataset
+    records (formats.read_jsonl, or a TFDS data source) -> MapDataset of record indices
       -> shard by host (process_index / process_count) -> shuffle(seed), reshuffled per epoch
       -> featurize (tokenise, build prompts, pad to static lengths) -> batch(drop_remainder)
       -> IterDataset (optional worker processes and prefetch); iterator state is restorable
@@ -56,11 +56,13 @@ class FeatureSpec:
 class Featurize(grain.transforms.Map):
     """Normalised record -> dict of fixed-shape int32 arrays (see the module docstring)."""
 
-    def __init__(self, tokenizer: ClaraTokenizer, spec: FeatureSpec, seed: int = 0):
-        self.tok, self.spec, self.seed = tokenizer, spec, seed
+    def __init__(self, records: Sequence[dict], tokenizer: ClaraTokenizer, spec: FeatureSpec,
+                 seed: int = 0):
+        self.records, self.tok, self.spec, self.seed = records, tokenizer, spec, seed
 
-    def map(self, element: tuple[int, dict]) -> dict[str, np.ndarray]:
-        index, rec = element
+    def map(self, index: int) -> dict[str, np.ndarray]:
+        index = int(index)
+        rec = self.records[index]
         spec, tok = self.spec, self.tok
         out: dict[str, np.ndarray] = {"index": np.int32(index)}
         doc_ids, doc_mask, cut_docs = prompts.encode_documents(
@@ -99,7 +101,8 @@ def make_dataset(records: Sequence[dict], tokenizer: ClaraTokenizer, spec: Featu
                  batch_size: int, seed: int = 0, shuffle: bool = True,
                  num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1,
                  drop_remainder: bool = True) -> grain.MapDataset:
-    """A batched MapDataset over this host's shard of `records`.
+    """A batched MapDataset over this host's shard of `records` (a list, or any random-access
+    source such as `tfds_builders.RecordSource`; records are read lazily by index).
 
     Shard i of n holds records i, i + n, ... (so hosts see disjoint, complete shards); with
     `shuffle` each epoch is a new permutation of the shard, fixed by `seed`. num_epochs None
@@ -107,7 +110,7 @@ def make_dataset(records: Sequence[dict], tokenizer: ClaraTokenizer, spec: Featu
     """
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
-    ds = grain.MapDataset.source(list(enumerate(records)))[shard_index::shard_count]
+    ds = grain.MapDataset.range(len(records))[shard_index::shard_count]
     if len(ds) < batch_size and drop_remainder:
         raise ValueError(f"{len(ds)} records on this host is fewer than one batch of "
                          f"{batch_size}")
@@ -115,7 +118,7 @@ def make_dataset(records: Sequence[dict], tokenizer: ClaraTokenizer, spec: Featu
         ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
-    ds = ds.map(Featurize(tokenizer, spec, seed))
+    ds = ds.map(Featurize(records, tokenizer, spec, seed))
     return ds.batch(batch_size, drop_remainder=drop_remainder)
 
 
