@@ -91,3 +91,16 @@ def test_spec_validation():
                              num_candidates=5)
     with pytest.raises(ValueError, match="unknown stage"):
         pipeline.FeatureSpec(stage="stage7", doc_max_length=16, n_mem=4, max_len=64, k=1)
+
+
+def test_worker_processes_give_the_same_batches(tok):
+    from absl import flags
+    flags.FLAGS.mark_as_parsed()
+    recs = e2e_records(12)
+    ds = lambda: pipeline.make_dataset(recs, tok, SPEC, batch_size=3, seed=2)
+    plain = pipeline.make_iterator(ds())
+    workers = pipeline.make_iterator(ds(), worker_count=2)
+    for _ in range(6):
+        a, b = next(plain), next(workers)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])

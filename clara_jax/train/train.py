@@ -277,6 +277,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     local_bs = c.batch_size // shard_count
     if base_lm:
         rows = pipeline.pack_text(text_lines(), tok, c.max_len)
+        n_train = len(rows)
         n_eval = max(len(rows) // 20, local_bs)
         train_ds = pipeline.text_dataset(rows[n_eval:], batch_size=local_bs, seed=c.seed,
                                          shard_index=shard_index, shard_count=shard_count)
@@ -285,6 +286,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                                         shard_count=shard_count)
     else:
         train_records = read_records(c, files["train"], workdir, "train")
+        n_train = len(train_records)
         k_instruct = len(train_records[0]["docs"]) if c.stage == "instruct" else c.generation_top_k
         spec = feature_spec(c, cfg.n_mem, k_instruct)
         train_ds = pipeline.make_dataset(train_records, tok, spec, batch_size=local_bs,
@@ -346,6 +348,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = _summary_writer(workdir)
     batch_sharding = lambda ndim: parallel.batch_sharding(mesh, ndim)
     history: list[dict] = []
+    truncation = {"epoch": -1, "truncated_docs": 0, "truncated_prompts": 0}
     last: dict[str, Any] = {}
     t_last, steps_since, tokens_since, flops_since = time.time(), 0, 0, 0.0
     progress = _progress(first_step, c.total_steps)
@@ -353,9 +356,11 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
         with mesh, parallel.axis_rules():
             for step in range(first_step, c.total_steps):
                 batch = next(data_it)
-                counts = {k: int(np.sum(batch.pop(k))) for k in ("truncated_docs",
-                                                                  "truncated_prompt")
-                          if k in batch}
+                epoch = step * c.batch_size // max(n_train, 1)
+                if epoch != truncation["epoch"]:
+                    truncation.update(epoch=epoch, truncated_docs=0, truncated_prompts=0)
+                truncation["truncated_docs"] += int(np.sum(batch.pop("truncated_docs", 0)))
+                truncation["truncated_prompts"] += int(np.sum(batch.pop("truncated_prompt", 0)))
                 pos_mask = batch.pop("pos_mask", None)
                 batch.pop("index", None)
                 tokens_since += int(sum(np.sum(batch[k]) for k in batch if k.endswith("mask"))
@@ -373,7 +378,11 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                                             if np.ndim(v) == 0 and k != "finite"},
                            "steps_per_s": steps_since / elapsed,
                            "tokens_per_s": tokens_since / elapsed,
-                           "model_flops_per_s": flops_since / elapsed, **counts}
+                           "model_flops_per_s": flops_since / elapsed,
+                           "epoch": truncation["epoch"],
+                           # documents / prompts cut to their static length so far this epoch
+                           "truncated_docs_epoch": truncation["truncated_docs"],
+                           "truncated_prompts_epoch": truncation["truncated_prompts"]}
                     if pos_mask is not None and "topk_indices" in m:
                         row.update(_retrieval_metrics(np.asarray(m["topk_indices"]), pos_mask))
                     history.append(row)
