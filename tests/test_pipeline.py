@@ -1,6 +1,8 @@
 """grain pipelines: exact arrays from the prompt builders, static shapes, host shards,
 restorable iterator state."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -104,3 +106,44 @@ def test_worker_processes_give_the_same_batches(tok):
         a, b = next(plain), next(workers)
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_pretrain_and_instruct_features_equal_prompt_builders(tok):
+    pre = [{"data_type": "qa", "questions": ["who was born?", "where?"],
+            "answers": ["ana", "zan"], "docs": ["ana was born in zan"], "source": "p:1"},
+           {"data_type": "paraphrase", "questions": [], "answers": ["zan is where ana was born"],
+            "docs": ["ana was born in zan"], "source": "p:2"}]
+    spec = pipeline.FeatureSpec(stage="pretrain", doc_max_length=16, n_mem=4, max_len=320, k=1)
+    (b,) = list(pipeline.make_dataset(pre, tok, spec, batch_size=2, shuffle=False,
+                                      num_epochs=1))
+    qa = prompts.pretrain_qa(tok, [pre[0]["questions"]], [pre[0]["answers"]], k=1, max_len=320)
+    np.testing.assert_array_equal(b["prompt_ids"][0], qa.input_ids[0])
+    np.testing.assert_array_equal(b["labels"][0], qa.labels[0])
+    instruction = pipeline.Featurize(pre, tok, spec).map(1)["prompt_ids"]
+    assert (instruction != b["prompt_ids"][0]).any()
+    ins = [{"question": "who?", "docs": ["ana was born", "bo was born"], "answers": ["ana"],
+            "pos_index": [0], "source": "i:1"}] * 2
+    spec = pipeline.FeatureSpec(stage="instruct", doc_max_length=16, n_mem=4, max_len=320, k=2)
+    (b,) = list(pipeline.make_dataset(ins, tok, spec, batch_size=2, shuffle=False, num_epochs=1))
+    ref = prompts.instruct(tok, ["who?"], ["ana"], k=2, max_len=320)
+    np.testing.assert_array_equal(b["prompt_ids"][1], ref.input_ids[0])
+    np.testing.assert_array_equal(b["labels"][1], ref.labels[0])
+    docs, _, _ = prompts.encode_documents(tok, ins[0]["docs"], 16, 4)
+    np.testing.assert_array_equal(b["doc_ids"][0], docs)
+
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                      "ml-clara-examples", "pretrain_data.jsonl")
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED), reason="../shared example data not present")
+def test_official_example_flows_through_the_pipeline(tok):
+    from clara_jax.data import formats
+    records, _ = formats.read_jsonl(SHARED, "pretrain")
+    spec = pipeline.FeatureSpec(stage="pretrain", doc_max_length=64, n_mem=4, max_len=1024, k=1)
+    it = iter(pipeline.make_dataset(records, tok, spec, batch_size=8, num_epochs=1))
+    shapes = pipeline.feature_shapes(spec, 8)
+    for _ in range(3):
+        b = next(it)
+        assert {k: v.shape for k, v in b.items()} == shapes
+        assert b["truncated_docs"].sum() > 0  # ~95-word documents exceed 64 tokens
