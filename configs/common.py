@@ -60,7 +60,7 @@ def base_config(stage: str, model: str) -> ml_collections.ConfigDict:
     c.temperature = 0.02
     c.retrieval_temperature = 0.02
     c.lora_rank = 16
-    c.optimize_mem_tokens = False
+    c.optimize_mem_tokens = False  # training the added tokens' embedding rows: not yet built
 
     c.data = ml_collections.ConfigDict()
     c.data.train_files = ""    # JSONL paths or globs; empty: the synthetic corpus (generated)
@@ -73,7 +73,4 @@ def base_config(stage: str, model: str) -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
-
-    c.end_to_end = ml_collections.ConfigDict()
-    c.end_to_end.cache_candidates = True
     return c

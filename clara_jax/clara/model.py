@@ -157,10 +157,13 @@ class Clara:
 
     @classmethod
     def load(cls, path: str, **kwargs) -> "Clara":
-        """Loads a directory written by `save`."""
+        """Loads a directory written by `save`, or a training work directory (its model)."""
         import orbax.checkpoint as ocp
 
         path = os.path.abspath(path)
+        if os.path.isdir(os.path.join(path, "model")) and not os.path.exists(
+                os.path.join(path, "clara_config.json")):
+            path = os.path.join(path, "model")  # a training work directory's exported model
         for name in ("state", "model_config.json", "clara_config.json", TOKENIZER_FILE):
             if not os.path.exists(os.path.join(path, name)):
                 raise FileNotFoundError(f"{path}: missing {name} (not a saved Clara directory)")

@@ -6,12 +6,19 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file("config", None, "Stage config file (configs/*.py[:arg]).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Work directory: checkpoints, TensorBoard, exported model.")
+flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (TPU pods, "
+                  "Slurm): every host runs this command; each feeds its shard of the batch.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
+    from absl import logging
+    logging.set_verbosity(logging.WARNING)
+    if FLAGS.multihost:
+        import jax
+        jax.distributed.initialize()
     from clara_jax.train.train import train
     summary = train(FLAGS.config, FLAGS.workdir)
     print(summary)

@@ -75,6 +75,9 @@ def validate_config(c: ml_collections.ConfigDict, n_devices: int | None = None) 
     batch_shards = mesh_shape[0] * mesh_shape[1]
     if c.batch_size % batch_shards:
         bad("batch_size", f"{c.batch_size} is not divisible by mesh data x fsdp = {batch_shards}")
+    if c.optimize_mem_tokens:
+        bad("optimize_mem_tokens", "training the special-token embedding rows is not "
+            "implemented yet; set it to False")
     if c.init_from and not os.path.exists(c.init_from):
         bad("init_from", f"{c.init_from} does not exist")
 
