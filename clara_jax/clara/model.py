@@ -68,7 +68,8 @@ def _generate_jit(model, base, adapter, ids, mask, positions, states, max_new_to
                   pad_id):
     embeds = embed_tokens(base, ids, jnp.dtype(model.config.dtype))
     embeds = splice(embeds, positions, states)
-    return decode.generate(model, {"params": base, "lora": adapter}, inputs_embeds=embeds,
+    variables = {"params": base} if adapter is None else {"params": base, "lora": adapter}
+    return decode.generate(model, variables, inputs_embeds=embeds,
                            attention_mask=mask, max_new_tokens=max_new_tokens, eos_id=eos_id,
                            pad_id=pad_id)
 
@@ -237,11 +238,18 @@ class Clara:
 
     # -- generation ----------------------------------------------------------------------
 
+    def _adapter(self, name: str | None) -> dict | None:
+        """The named adapter tree, or None (the base model alone) for None."""
+        if name is not None and name not in self.adapters:
+            raise ValueError(f"unknown adapter {name!r}; this model has {sorted(self.adapters)}")
+        return None if name is None else self.adapters[name]
+
     def _generate(self, batch: prompts.DecoderBatch, states: np.ndarray, max_new_tokens: int,
-                  topk: np.ndarray | None = None) -> GenerationOutput:
+                  topk: np.ndarray | None = None, adapter: str | None = "decoder"
+                  ) -> GenerationOutput:
         b, k, n, d = states.shape
         eos, pad = self.tokenizer.eos_id, self.tokenizer.pad_id
-        out = _generate_jit(self.model, self.params, self.adapters["decoder"],
+        out = _generate_jit(self.model, self.params, self._adapter(adapter),
                             jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask),
                             jnp.asarray(batch.mem_positions),
                             jnp.asarray(states.reshape(b, k * n, d)),
@@ -261,8 +269,9 @@ class Clara:
 
     def generate_from_compressed_documents_and_questions(
             self, questions: Sequence[str], compressed_documents: np.ndarray,
-            max_new_tokens: int = 64) -> GenerationOutput:
-        """Answers from precompressed documents: [B, k, n, D], or Apple's [B * k, n, D]."""
+            max_new_tokens: int = 64, adapter: str | None = "decoder") -> GenerationOutput:
+        """Answers from precompressed documents: [B, k, n, D], or Apple's [B * k, n, D]
+        (generator: the `adapter`, default the decoder; None = the base model alone)."""
         self._check_texts(questions, "questions")
         states = np.asarray(compressed_documents, np.float32)
         if states.ndim == 3:
@@ -274,7 +283,50 @@ class Clara:
             raise ValueError(f"compressed_documents shape {states.shape} does not match "
                              f"{len(questions)} questions x k x n={self.config.n_mem} x hidden")
         batch = self._prompts(questions, states.shape[1], "instruct")
-        return self._generate(batch, states, max_new_tokens)
+        return self._generate(batch, states, max_new_tokens, adapter=adapter)
+
+    def _generate_text(self, rows: Sequence[str], max_new_tokens: int, adapter: str | None
+                       ) -> GenerationOutput:
+        """Greedy answers to plain-text prompts (no memory slots), left padded to a multiple
+        of length_bucket tokens."""
+        tok = self.tokenizer
+        longest = max(len(tok.encode(r)) for r in rows)
+        batch = prompts.build_decoder_batch(tok, [(r, None) for r in rows], 0,
+                                            _round_up(longest, self.length_bucket))
+        variables = {"params": self.params}
+        if adapter is not None:
+            variables["lora"] = self._adapter(adapter)
+        out = decode.generate(self.model, variables, input_ids=jnp.asarray(batch.input_ids),
+                              attention_mask=jnp.asarray(batch.attention_mask),
+                              max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        ids = decode.trim(out, eos_id=tok.eos_id)
+        texts = [tok.decode(row, skip_special_tokens=True).strip() for row in ids]
+        return GenerationOutput(texts, ids)
+
+    def generate_closed_book(self, questions: Sequence[str], max_new_tokens: int = 64,
+                             adapter: str | None = None) -> GenerationOutput:
+        """Baseline: answers without documents (`prompts.closed_book_string`), by the base
+        model alone (adapter None) or under the named adapter."""
+        self._check_texts(questions, "questions")
+        return self._generate_text([prompts.closed_book_string(q) for q in questions],
+                                   max_new_tokens, adapter)
+
+    def generate_from_full_text(self, questions: Sequence[str],
+                                documents: Sequence[Sequence[str]], max_new_tokens: int = 64,
+                                adapter: str | None = None) -> GenerationOutput:
+        """Baseline text RAG: the documents' text in the prompt (`prompts.full_text_string`;
+        any number per question), by the base model alone (adapter None) or under the named
+        adapter."""
+        self._check_texts(questions, "questions")
+        if len(documents) != len(questions):
+            raise ValueError(f"{len(documents)} document lists for {len(questions)} questions")
+        for i, docs in enumerate(documents):
+            if isinstance(docs, str):
+                raise ValueError(f"documents[{i}] is a string; expected a list of documents")
+            self._check_texts(docs, f"documents[{i}]")
+        return self._generate_text(
+            [prompts.full_text_string(q, d) for q, d in zip(questions, documents)],
+            max_new_tokens, adapter)
 
     def generate_from_text(self, questions: Sequence[str], documents: Sequence[Sequence[str]],
                            max_new_tokens: int = 64) -> GenerationOutput:

@@ -140,6 +140,46 @@ def answer_strings(tok: ClaraTokenizer, question: str, answer: str | None, k: in
                                 eos=tok.eos_token)
 
 
+# Baselines over the same backbone (not in the official code): the instruct layout and system
+# text of `answer_strings` with no documents, or with the documents' text where the memory
+# slots would be. Pure functions of their arguments; with an answer the string ends
+# " {answer}</s>" (the loss covers the answer and `</s>`), without one it ends " [/INST]".
+
+def closed_book_string(question: str, answer: str | None = None) -> str:
+    """Closed book: "<s> [INST] {SYSTEM_ANSWER}\\n\\nQuestion:{q} [/INST]"( " {a}</s>")."""
+    return mistral_chat(SYSTEM_ANSWER, _user(f"Question:{question}"), answer)
+
+
+def full_text_string(question: str, documents: Sequence[str], answer: str | None = None
+                     ) -> str:
+    """Text RAG: the instruct layout with "Background:\\n" followed by the documents' text,
+    one per line (newlines inside a document become spaces), then "\\n\\nQuestion:{q}"."""
+    if isinstance(documents, str):
+        raise TypeError("documents must be a sequence of strings, not one string")
+    background = "\n".join(d.replace("\n", " ") for d in documents)
+    return mistral_chat(SYSTEM_ANSWER, _user(f"Background:\n{background}\n\nQuestion:{question}"),
+                        answer)
+
+
+def text_batch(tok: ClaraTokenizer, questions: Sequence[str],
+               documents: Sequence[Sequence[str]] | None, answers: Sequence[str] | None, *,
+               max_len: int) -> DecoderBatch:
+    """Baseline batch (no memory slots): closed book when documents is None, else text RAG.
+    With answers the rows carry labels on the answer and `</s>`; without, they are
+    generation prompts (labels all -100)."""
+    if documents is not None and len(documents) != len(questions):
+        raise ValueError(f"{len(documents)} document lists for {len(questions)} questions")
+    if answers is not None and len(answers) != len(questions):
+        raise ValueError(f"{len(answers)} answers for {len(questions)} questions")
+    pairs = []
+    for i, q in enumerate(questions):
+        a = None if answers is None else answers[i]
+        make = ((lambda ans: closed_book_string(q, ans)) if documents is None else
+                (lambda ans: full_text_string(q, documents[i], ans)))
+        pairs.append((make(None), None if a is None else make(a)))
+    return build_decoder_batch(tok, pairs, 0, max_len)
+
+
 # -- encoder inputs --------------------------------------------------------------------------
 
 def encode_documents(tok: ClaraTokenizer, docs: Sequence[str], doc_max_length: int,
