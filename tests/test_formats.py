@@ -77,3 +77,15 @@ def test_answer_aliases_and_pretrain_kinds(tmp_path):
         read_jsonl(pre, "pretrain")
     with pytest.raises(FileNotFoundError, match="nothing*"):
         read_jsonl(str(tmp_path / "nothing*.jsonl"), "eval")
+
+
+def test_text_format_reads_ids_and_multiline_text(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"id": "d1", "text": "line one\\nline two"}\n{"text": "no id"}\n'
+                    '{"id": "d3"}\n')
+    with pytest.raises(DataError, match=r"c.jsonl:3: text: missing"):
+        read_jsonl(str(path), "text")
+    recs, report = read_jsonl(str(path), "text", skip_invalid=True)
+    assert [r["text"] for r in recs] == ["line one\nline two", "no id"]
+    assert recs[0]["id"] == "d1" and recs[1]["id"] == f"{path}:2"
+    assert len(report.skipped) == 1

@@ -1,6 +1,7 @@
 """grain pipelines: exact arrays from the prompt builders, static shapes, host shards,
 restorable iterator state."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -147,3 +148,29 @@ def test_official_example_flows_through_the_pipeline(tok):
         b = next(it)
         assert {k: v.shape for k, v in b.items()} == shapes
         assert b["truncated_docs"].sum() > 0  # ~95-word documents exceed 64 tokens
+
+
+def test_prompt_cut_before_its_answer_is_an_error_naming_the_record(tok):
+    recs = e2e_records(2)
+    prompt, _ = prompts.answer_strings(tok, recs[0]["question"], None, 2)
+    cut = len(tok.encode(prompt))  # room for the prompt, none for the answer
+    spec = pipeline.FeatureSpec(stage="end_to_end", doc_max_length=16, n_mem=4, max_len=cut,
+                                k=2, num_candidates=5)
+    ds = pipeline.make_dataset(recs, tok, spec, batch_size=2, shuffle=False, num_epochs=1)
+    with pytest.raises(ValueError, match=rf"x:1: the prompt \(\d+ tokens with its answer\) is "
+                                         rf"cut at max_len={cut} before any answer token"):
+        next(iter(ds))
+    spec = spec._replace(max_len=24) if hasattr(spec, "_replace") else dataclasses.replace(
+        spec, max_len=24)
+    ds = pipeline.make_dataset(recs, tok, spec, batch_size=2, shuffle=False, num_epochs=1)
+    with pytest.raises(ValueError, match=r"x:1: .*memory slots do not fit in max_len=24"):
+        next(iter(ds))
+
+
+def test_pack_text_adds_bos_eos_once(tok):
+    plain = "ana was born in zan"
+    chat = prompts.mistral_chat("who", "where", "zan")  # "<s> [INST] ... zan</s>"
+    rows = pipeline.pack_text([plain, chat] * 40, tok, 16).reshape(-1)
+    one = tok.encode(plain, add_bos=True, add_eos=True) + tok.encode(chat)
+    assert tok.encode(chat)[0] == tok.bos_id and tok.encode(chat)[-1] == tok.eos_id
+    np.testing.assert_array_equal(rows[:len(one)], one)

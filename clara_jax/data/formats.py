@@ -7,6 +7,8 @@ Formats (the official ones, accepted as they are):
               str or [str]} (the first answer is the target; `pos_index` optional)
   end_to_end  {"question": str, "docs": [str] * N, "answer"|..., "pos_index": [int] (optional)}
   eval        as end_to_end; `golden_answers` may hold several aliases.
+  text        {"text": str, "id": str (optional)}: a corpus to index, or text with newlines
+              (chat-formatted examples) for base-LM pretraining.
 
 Every record comes back normalised (see `normalise`), in file order, with its source
 `file:line`. Invalid lines raise `DataError` by default; with skip_invalid they are counted
@@ -21,7 +23,7 @@ import json
 import os
 from typing import Any, Iterable, Sequence
 
-FORMATS = ("pretrain", "instruct", "end_to_end", "eval")
+FORMATS = ("pretrain", "instruct", "end_to_end", "eval", "text")
 ANSWER_KEYS = ("answer", "answers", "golden_answers")
 
 
@@ -99,6 +101,7 @@ def normalise(rec: Any, fmt: str, path: str, line: int, *, k: int | None = None,
     """Validates one parsed record and returns it normalised:
 
     pretrain -> {"data_type", "questions": [str], "answers": [str], "docs": [str]}
+    text     -> {"text": str, "id": str (default: the source)}
     others   -> {"question": str, "docs": [str], "answers": [str] (first = target),
                  "pos_index": [int]}
     plus "source": "file:line". `k` (instruct) / `num_candidates` (end_to_end, eval) fix
@@ -109,6 +112,14 @@ def normalise(rec: Any, fmt: str, path: str, line: int, *, k: int | None = None,
     if not isinstance(rec, dict):
         raise DataError(path, line, "record", f"expected a JSON object, got {type(rec).__name__}")
     source = f"{path}:{line}"
+    if fmt == "text":
+        if "text" not in rec:
+            raise DataError(path, line, "text", "missing")
+        doc_id = rec.get("id", source)
+        if not isinstance(doc_id, (str, int)):
+            raise DataError(path, line, "id", f"expected a string, got {type(doc_id).__name__}")
+        return {"text": _text(rec["text"], path, line, "text"), "id": str(doc_id),
+                "source": source}
     if fmt == "pretrain":
         kind = rec.get("data_type")
         if kind not in ("qa", "paraphrase"):

@@ -82,7 +82,15 @@ class Featurize(grain.transforms.Map):
                 pair = prompts.paraphrase_strings(tok, rec["answers"][0], spec.k, instruction)
         else:
             pair = prompts.answer_strings(tok, rec["question"], rec["answers"][0], spec.k)
-        dec = prompts.build_decoder_batch(tok, [pair], spec.k, spec.max_len)
+        try:
+            dec = prompts.build_decoder_batch(tok, [pair], spec.k, spec.max_len)
+        except ValueError as e:
+            raise ValueError(f"{rec['source']}: {e}") from None
+        if not (dec.labels[0] != prompts.IGNORE_INDEX).any():
+            need = len(tok.encode(pair[1]))
+            raise ValueError(f"{rec['source']}: the prompt ({need} tokens with its answer) is "
+                             f"cut at max_len={spec.max_len} before any answer token; raise "
+                             f"config.max_len (or shorten the documents / k)")
         out.update(prompt_ids=dec.input_ids[0], prompt_mask=dec.attention_mask[0],
                    labels=dec.labels[0])
         cut_prompt = dec.n_truncated
@@ -157,12 +165,16 @@ def feature_shapes(spec: FeatureSpec, batch_size: int) -> dict[str, tuple[int, .
 
 
 def pack_text(lines: Sequence[str], tokenizer: ClaraTokenizer, max_len: int) -> np.ndarray:
-    """Tokenises lines as `<s> line </s>` and packs them into rows [R, max_len] (int32) for
-    base-LM pretraining (the last partial row is dropped)."""
+    """Tokenises texts as `<s> text </s>` and packs them into rows [R, max_len] (int32) for
+    base-LM pretraining (the last partial row is dropped). A text that already starts with
+    `<s>` or ends with `</s>` (a chat-formatted example) is not given a second one."""
     stream: list[int] = []
     for line in lines:
-        if line.strip():
-            stream.extend(tokenizer.encode(line.strip(), add_bos=True, add_eos=True))
+        text = line.strip()
+        if text:
+            stream.extend(tokenizer.encode(
+                text, add_bos=not text.startswith(tokenizer.bos_token),
+                add_eos=not text.endswith(tokenizer.eos_token)))
     rows = len(stream) // max_len
     if rows == 0:
         raise ValueError(f"{len(stream)} tokens of text are fewer than one row of {max_len}")
