@@ -2,9 +2,10 @@
 
     python -m clara_jax.demo --workdir=workdir/demo [--config=configs/demo.py --config.rates=4,16]
 
-1. generate the synthetic corpus (train / eval over disjoint invented entities);
-2. pretrain a tiny base LM from scratch on the training entities' documents and on
-   chat-formatted closed-book, text-RAG and document-QA examples;
+1. generate two synthetic worlds of invented entities: one for the base LM, one (split into
+   train / eval entities) for the CLaRa stages and the evaluation;
+2. pretrain a tiny base LM from scratch on the first world's documents and on chat-formatted
+   closed-book, text-RAG and document-QA examples about it;
 3. at each compression rate: stage 1 (SCP), stage 2 (instruct), stage 3 (end to end), each with
    `clara_jax.train` from the previous stage's model;
 4. evaluate on the held-out entities: closed book and full text (the base model, same backbone)
@@ -41,17 +42,19 @@ STAGE_FILES = {"base": "pretrain_base_tiny.py", "stage1": "stage1_pretrain.py",
 
 # -- data ----------------------------------------------------------------------------------
 
-def write_base_text(data_dir: str) -> str:
-    """`{data_dir}/base_text.jsonl`: the base LM's pretraining texts, all from training
-    entities: their documents and QA lines, document QA and paraphrases with the document as
-    text (the stage-1 prompts with text instead of memory tokens), text-RAG and closed-book
-    answers (the layouts `evaluate` uses for its baselines). Returns the path."""
+def write_base_text(world_dir: str, out_path: str) -> str:
+    """The base LM's pretraining texts (JSONL {"text"}) from a separate invented world (so the
+    base knows none of the facts CLaRa is trained and evaluated on, and the stages must read
+    them from the documents): its documents and QA lines, document QA and paraphrases with the
+    document as text (the stage-1 prompts with text instead of memory tokens), text-RAG and
+    closed-book answers (the layouts `evaluate` uses for its baselines). Returns out_path."""
     from clara_jax.clara import prompts
     from clara_jax.data import formats
 
-    texts = [line for line in open(os.path.join(data_dir, "pretrain_text.txt"),
+    texts = [line for line in open(os.path.join(world_dir, "pretrain_text.txt"),
                                    encoding="utf-8").read().splitlines() if line.strip()]
-    scp, _ = formats.read_jsonl(os.path.join(data_dir, "pretrain_train.jsonl"), "pretrain")
+    scp, _ = formats.read_jsonl([os.path.join(world_dir, f"pretrain_{s}.jsonl")
+                                 for s in ("train", "eval")], "pretrain")
     for i, r in enumerate(scp):
         background = "\n".join(r["docs"])
         if r["data_type"] == "qa":
@@ -64,14 +67,14 @@ def write_base_text(data_dir: str) -> str:
             texts.append(prompts.mistral_chat(prompts.SYSTEM_PARAPHRASE,
                                               instruction.format(docs=background),
                                               r["answers"][0]))
-    qa, _ = formats.read_jsonl(os.path.join(data_dir, "instruct_train.jsonl"), "instruct")
+    qa, _ = formats.read_jsonl([os.path.join(world_dir, f"instruct_{s}.jsonl")
+                                for s in ("train", "eval")], "instruct")
     for r in qa:
         texts.append(prompts.full_text_string(r["question"], r["docs"], r["answers"][0]))
         texts.append(prompts.closed_book_string(r["question"], r["answers"][0]))
-    path = os.path.join(data_dir, "base_text.jsonl")
-    with open(path, "w", encoding="utf-8") as f:
+    with open(out_path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
-    return path
+    return out_path
 
 
 # -- training ------------------------------------------------------------------------------
@@ -254,10 +257,13 @@ def run(cfg, workdir: str) -> dict:
             raise ValueError(f"config.rates: doc_max_length {cfg.doc_max_length} is not a "
                              f"multiple of compression rate {r}")
     data_dir = os.path.join(workdir, "data")
-    if not os.path.exists(os.path.join(data_dir, "manifest.json")):
-        synthetic.generate_corpus(data_dir, seed=cfg.seed, num_entities=cfg.num_entities,
-                                  num_candidates=cfg.num_candidates, k=cfg.top_k)
-    write_base_text(data_dir)
+    world_dir = os.path.join(workdir, "base_world")
+    for path, seed, n in ((data_dir, cfg.seed, cfg.num_entities),
+                          (world_dir, cfg.seed + 1000, cfg.base.num_entities)):
+        if not os.path.exists(os.path.join(path, "manifest.json")):
+            synthetic.generate_corpus(path, seed=seed, num_entities=n,
+                                      num_candidates=cfg.num_candidates, k=cfg.top_k)
+    write_base_text(world_dir, os.path.join(data_dir, "base_text.jsonl"))
     base = run_stage(stage_config(cfg, "base", data_dir, None, ""), os.path.join(workdir, "base"))
     models: dict[int, dict[str, str]] = {}
     for rate in rates:

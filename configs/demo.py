@@ -1,9 +1,9 @@
 # python -m clara_jax.demo --config=configs/demo.py --workdir=workdir/demo   (what `make demo` runs)
 """The embedded default: CLaRa end to end on CPU in under 20 minutes, on the synthetic corpus.
 
-A tiny Mistral (hidden 128, 4 layers) is pretrained from scratch on the training entities'
-documents and on chat-formatted closed-book, text-RAG and document-QA examples (so the base
-can answer from text, like the instruct model CLaRa starts from); then stage 1 (SCP), stage 2
+A tiny Mistral (hidden 128, 4 layers) is pretrained from scratch on the documents of a
+separate invented world and on chat-formatted closed-book, text-RAG and document-QA examples
+about it (so the base can answer from text, like the instruct model CLaRa starts from); then stage 1 (SCP), stage 2
 (instruct) and stage 3 (end to end) run at each compression rate; evaluation compares closed
 book, full text and compressed documents on held-out entities. Override any field with
 `--config.field=value` (for example `--config.rates=4,16,32 --config.stage3.steps=600`).
@@ -31,7 +31,10 @@ def get_config(arg: str = ""):
     c.num_entities = 240
     c.max_len = 160                  # decoder prompt length in stages 1-3
 
-    c.base = stage(steps=700, learning_rate=3e-3, batch_size=32, max_len=256, vocab_size=1024)
+    # The base LM reads a separate invented world (seed + 1000), so it knows none of the facts
+    # the stages train and evaluate on.
+    c.base = stage(steps=700, learning_rate=3e-3, batch_size=32, max_len=256, vocab_size=1024,
+                   num_entities=240)
     c.stage1 = stage(steps=300, learning_rate=2e-3)
     c.stage2 = stage(steps=300, learning_rate=2e-3)
     # Stage 3 trains the query reasoner from the generator's loss alone. Stages 1-2 never train

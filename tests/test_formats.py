@@ -89,3 +89,11 @@ def test_text_format_reads_ids_and_multiline_text(tmp_path):
     assert [r["text"] for r in recs] == ["line one\nline two", "no id"]
     assert recs[0]["id"] == "d1" and recs[1]["id"] == f"{path}:2"
     assert len(report.skipped) == 1
+
+
+def test_eval_rows_score_against_golden_answers_first(tmp_path):
+    row = {"question": "q?", "docs": ["d1", "d2"], "answer": "a", "golden_answers": ["b", "c"]}
+    path = tmp_path / "e.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    assert read_jsonl(str(path), "eval")[0][0]["answers"] == ["b", "c"]
+    assert read_jsonl(str(path), "end_to_end")[0][0]["answers"] == ["a"]

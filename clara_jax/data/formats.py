@@ -84,8 +84,9 @@ def _texts(value: Any, path: str, line: int, field: str, allow_empty_items: bool
     return out
 
 
-def _answers(rec: dict, path: str, line: int) -> list[str]:
-    for key in ANSWER_KEYS:
+def _answers(rec: dict, path: str, line: int, prefer_golden: bool = False) -> list[str]:
+    keys = ANSWER_KEYS[::-1] if prefer_golden else ANSWER_KEYS
+    for key in keys:
         if key in rec:
             value = rec[key]
             values = [value] if isinstance(value, str) else value
@@ -159,7 +160,8 @@ def normalise(rec: Any, fmt: str, path: str, line: int, *, k: int | None = None,
         what = "k" if fmt == "instruct" else "num_candidates"
         raise DataError(path, line, "docs", f"has {len(docs)} documents, the config's {what} "
                         f"is {expected}")
-    answers = _answers(rec, path, line)
+    # The official evaluation scores against golden_answers (all aliases) when a row has it.
+    answers = _answers(rec, path, line, prefer_golden=fmt == "eval")
     pos = rec.get("pos_index", [])
     if pos is None:
         pos = []
