@@ -62,6 +62,12 @@ def base_config(stage: str, model: str) -> ml_collections.ConfigDict:
     c.lora_rank = 16
     c.optimize_mem_tokens = False  # training the added tokens' embedding rows: not yet built
 
+    c.end_to_end = ml_collections.ConfigDict()
+    # Stage 3: compress every distinct candidate once (eval mode) into
+    # {workdir}/candidate_cache and gather its states in the step instead of running the
+    # frozen encoder; False recompresses every step with LoRA dropout, as officially.
+    c.end_to_end.cache_candidates = True
+
     c.data = ml_collections.ConfigDict()
     c.data.train_files = ""    # JSONL paths or globs; empty: the synthetic corpus (generated)
     c.data.eval_files = ""

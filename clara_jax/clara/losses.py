@@ -3,7 +3,8 @@
 Batches (numpy or jax arrays, static shapes):
   pretrain / instruct: doc_ids, doc_mask [B, k, Le]; prompt_ids, prompt_mask, labels [B, L]
   end_to_end: query_ids, query_mask [B, Lq]; doc_ids, doc_mask [B, N, Le] or (cached)
-              doc_states [B, N, n, D]; prompt_ids, prompt_mask, labels [B, L]
+              doc_states [B, N, n, D] or (candidate cache) doc_index [B, N] int rows of
+              doc_table [U, n, D]; prompt_ids, prompt_mask, labels [B, L]
   retrieval_pretrain: query_ids, query_mask; doc_ids, doc_mask or doc_states; pos_mask [B, N]
 Labels are aligned with prompt_ids (-100 = no loss) and shifted inside the loss, as in
 Hugging Face. Each function returns (loss, metrics dict of scalars / small arrays).
@@ -77,7 +78,12 @@ def compressed_generation_loss(model: Mistral, base: dict, adapters: dict, batch
 def candidate_states(model: Mistral, base: dict, adapters: dict, batch: dict, cfg: ClaraConfig,
                      *, deterministic: bool, rng: jax.Array | None) -> tuple[jax.Array, Any]:
     """Candidate memory states [B, N, n, D] under stop_gradient (the encoder is frozen in
-    stage 3): from the batch's cached `doc_states`, or compressed from `doc_ids`."""
+    stage 3): gathered from the candidate cache (`doc_table` [U, n, D] at `doc_index`
+    [B, N]), from the batch's `doc_states`, or compressed from `doc_ids`. The cached paths
+    skip the encoder and report mse_loss 0."""
+    if "doc_index" in batch:
+        return jax.lax.stop_gradient(jnp.take(batch["doc_table"], batch["doc_index"], axis=0)
+                                     ), jnp.float32(0.0)
     if "doc_states" in batch:
         return jax.lax.stop_gradient(batch["doc_states"]), jnp.float32(0.0)
     b, nc, le = batch["doc_ids"].shape

@@ -42,8 +42,8 @@ META = "meta.json"
 FORMAT_VERSION = 1
 STATE_DTYPES = ("float32", "float16")
 # Settings that must match between an index and the model / build that uses it.
-_SETTINGS = ("fingerprint", "compress_rate", "doc_max_length", "n_mem", "hidden", "dtype",
-             "chunk_size")
+# Model-config fields that change how, not what, is computed (left out of the fingerprint).
+EXECUTION_FIELDS = ("scan_layers", "remat_policy", "attention_impl", "max_position_embeddings")
 
 
 # -- the encoder's identity --------------------------------------------------------------------
@@ -58,10 +58,12 @@ def _hash_tree(h, tree: Any, prefix: str) -> None:
 
 def encoder_fingerprint(model) -> str:
     """sha256 (hex) of what decides a document's memory states besides its text: the encoder
-    adapter arrays, the base embedding table and the base shape (model config). `model` is a
+    adapter arrays, the base embedding table and the base shape and dtypes (model config
+    without `EXECUTION_FIELDS`). `model` is a
     `Clara` (or anything with `model_config`, `params`, `adapters`)."""
     h = hashlib.sha256()
-    h.update(json.dumps(model.model_config.to_dict(), sort_keys=True).encode())
+    shape = {k: v for k, v in model.model_config.to_dict().items() if k not in EXECUTION_FIELDS}
+    h.update(json.dumps(shape, sort_keys=True).encode())
     _hash_tree(h, model.adapters["encoder"], "encoder")
     _hash_tree(h, model.params["embed_tokens"], "embed_tokens")
     return h.hexdigest()

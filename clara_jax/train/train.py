@@ -80,6 +80,14 @@ def validate_config(c: ml_collections.ConfigDict, n_devices: int | None = None) 
             "implemented yet; set it to False")
     if c.init_from and not os.path.exists(c.init_from):
         bad("init_from", f"{c.init_from} does not exist")
+    if c.stage == "end_to_end" and c.get("end_to_end", {}).get("cache_candidates", False):
+        if c.optimize_mem_tokens:
+            bad("end_to_end.cache_candidates", "the memory-token embeddings train "
+                "(optimize_mem_tokens), so cached candidate states would go stale; set one of "
+                "them to False")
+        if jax.process_count() > 1:
+            bad("end_to_end.cache_candidates", f"building the candidate cache on "
+                f"{jax.process_count()} processes is not implemented; set it to False")
 
 
 def clara_config(c: ml_collections.ConfigDict, first_mem_token_id: int) -> ClaraConfig:
@@ -206,9 +214,13 @@ def read_records(c, files: str, workdir: str, role: str) -> list[dict]:
 
 # -- 4./5. the run ------------------------------------------------------------------------
 
-def _local_batch_to_global(batch: dict, sharding_fn) -> dict:
-    return {k: jax.make_array_from_process_local_data(sharding_fn(v.ndim), np.asarray(v))
-            for k, v in batch.items()}
+def _local_batch_to_global(batch: dict, sharding_fn, candidates=None) -> dict:
+    """This host's batch as global arrays; with a CandidateCache, plus its `doc_table`."""
+    out = {k: jax.make_array_from_process_local_data(sharding_fn(v.ndim), np.asarray(v))
+           for k, v in batch.items()}
+    if candidates is not None:
+        out["doc_table"] = candidates.table
+    return out
 
 
 def _model_flops(model_cfg: MistralConfig, batch: dict, stage: str) -> float:
@@ -295,7 +307,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
         train_ds = pipeline.make_dataset(train_records, tok, spec, batch_size=local_bs,
                                          seed=c.seed, shard_index=shard_index,
                                          shard_count=shard_count)
-        eval_ds = None
+        eval_ds, eval_records = None, []
         if files["eval"]:
             eval_records = read_records(c, files["eval"], workdir, "eval")
             eval_ds = pipeline.make_dataset(eval_records, tok, spec, batch_size=local_bs,
@@ -345,6 +357,19 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
             data_it.set_state(data_state)
         first_step = int(state.step)
         print(f"resumed from {ckpt.directory} at step {first_step}")
+    candidates = None  # stage 3 against cached compressed candidates (train/candidate_cache.py)
+    if c.stage == "end_to_end" and c.end_to_end.cache_candidates:
+        from clara_jax.clara.model import Clara
+        from clara_jax.train import candidate_cache
+        encoder = Clara(model_cfg, cfg, state.base, {**state.frozen, **state.trainable}, tok,
+                        tokenizer_path=start["tokenizer_path"])
+        candidates = candidate_cache.build_candidate_cache(
+            encoder, [train_records, eval_records],
+            os.path.join(workdir, candidate_cache.CACHE_DIR), batch_size=c.batch_size,
+            mesh=mesh)
+        del encoder
+        train_rows = candidates.record_rows(train_records)
+        eval_rows = candidates.record_rows(eval_records)
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
@@ -365,11 +390,14 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                 truncation["truncated_docs"] += int(np.sum(batch.pop("truncated_docs", 0)))
                 truncation["truncated_prompts"] += int(np.sum(batch.pop("truncated_prompt", 0)))
                 pos_mask = batch.pop("pos_mask", None)
+                if candidates is not None:
+                    batch = candidates.swap_in(batch, train_rows)
                 batch.pop("index", None)
                 tokens_since += int(sum(np.sum(batch[k]) for k in batch if k.endswith("mask"))
                                     if not base_lm else batch["ids"].size)
                 flops_since += _model_flops(model_cfg, batch, c.stage)
-                state, metrics = train_step(state, _local_batch_to_global(batch, batch_sharding))
+                state, metrics = train_step(state, _local_batch_to_global(batch, batch_sharding,
+                                                                          candidates))
                 steps_since += 1
                 done = step + 1
                 if done % c.log_every == 0 or done == c.total_steps:
@@ -396,7 +424,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                 elif c.on_nonfinite == "stop" and not bool(metrics["finite"]):
                     _nonfinite(c, ckpt, done)
                 if eval_ds is not None and (done % c.eval_every == 0 or done == c.total_steps):
-                    ev = evaluate_loss(eval_step, state, eval_ds, c.eval_batches, batch_sharding)
+                    ev = evaluate_loss(eval_step, state, eval_ds, c.eval_batches, batch_sharding,
+                                       candidates and (candidates, eval_rows))
                     ev["step"] = done
                     _log(writer, ev, "eval")
                     last.update({f"eval_{k}": v for k, v in ev.items() if k != "step"})
@@ -425,16 +454,21 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     return summary
 
 
-def evaluate_loss(eval_step, state, eval_ds, max_batches: int, batch_sharding) -> dict:
-    """Mean of the eval metrics (scalars) over up to max_batches held-out batches."""
+def evaluate_loss(eval_step, state, eval_ds, max_batches: int, batch_sharding,
+                  candidates=None) -> dict:
+    """Mean of the eval metrics (scalars) over up to max_batches held-out batches.
+    candidates: (CandidateCache, record rows [R, N]) in stage 3 with the cache, else None."""
     sums: dict[str, float] = {}
     n = 0
     for batch in eval_ds:
         if n >= max_batches:
             break
+        if candidates:
+            batch = candidates[0].swap_in(batch, candidates[1])
         for key in ("truncated_docs", "truncated_prompt", "pos_mask", "index"):
             batch.pop(key, None)
-        m = jax.device_get(eval_step(state, _local_batch_to_global(batch, batch_sharding)))
+        m = jax.device_get(eval_step(state, _local_batch_to_global(
+            batch, batch_sharding, candidates[0] if candidates else None)))
         for k, v in m.items():
             if np.ndim(v) == 0:
                 sums[k] = sums.get(k, 0.0) + float(v)
