@@ -5,6 +5,12 @@ Every parameter and key activation of the decoder carries logical names (`batch`
 maps them onto the mesh axes `data`, `fsdp`, `tensor`. A name may list several candidates; the
 first whose mesh axis is still free in that array wins (so activations shard their batch over
 `data` x `fsdp` while weights shard `embed` over `fsdp`).
+
+Multi-slice (several TPU slices joined by the data-center network, DCN): `dcn_data` slices of
+pure data parallelism are folded into the `data` axis, slice-major, so the mesh keeps its three
+axes and the rules above stay as they are: `fsdp`, `tensor` and the in-slice part of `data`
+stay on a slice's fast interconnect (ICI), and only the gradient reduction over `data` crosses
+DCN. The batch is therefore sharded over (dcn_data x data) x fsdp.
 """
 
 from __future__ import annotations
@@ -31,10 +37,15 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def make_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
-    """Mesh with axes (data, fsdp, tensor); one entry may be -1 for "the remaining devices".
+def make_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None,
+              dcn_data: int = 1) -> Mesh:
+    """Mesh with axes (data, fsdp, tensor) of shape (dcn_data * data, fsdp, tensor).
 
-    Raises ValueError naming the shape when it does not divide the device count.
+    `shape` is the per-slice (data, fsdp, tensor); one entry may be -1 for "the remaining
+    devices". With dcn_data > 1 on devices that know their slice (TPU `slice_index`), the
+    layout is `mesh_utils.create_hybrid_device_mesh` (each slice a contiguous block of
+    `data`); elsewhere (CPU tests) the device list is reshaped in order. Raises ValueError
+    naming the shape when it does not divide the device count.
     """
     devices = list(devices if devices is not None else jax.devices())
     shape = list(shape)
@@ -42,14 +53,35 @@ def make_mesh(shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mes
         raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries {MESH_AXES}")
     if shape.count(-1) > 1:
         raise ValueError(f"mesh shape {shape}: at most one entry may be -1")
+    if dcn_data < 1 or len(devices) % dcn_data:
+        raise ValueError(f"mesh dcn_data {dcn_data} does not divide the {len(devices)} devices")
+    per_slice = len(devices) // dcn_data
     known = int(np.prod([s for s in shape if s != -1]))
-    if known <= 0 or len(devices) % known:
-        raise ValueError(f"mesh shape {shape} does not divide the {len(devices)} devices")
-    shape = [len(devices) // known if s == -1 else s for s in shape]
-    if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh shape {shape} uses {int(np.prod(shape))} devices, "
-                         f"but {len(devices)} are present")
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    if known <= 0 or per_slice % known:
+        where = f"the {len(devices)} devices" if dcn_data == 1 else \
+            f"the {per_slice} devices per slice (dcn_data {dcn_data})"
+        raise ValueError(f"mesh shape {shape} does not divide {where}")
+    shape = [per_slice // known if s == -1 else s for s in shape]
+    if int(np.prod(shape)) != per_slice:
+        raise ValueError(f"mesh shape {shape} x dcn_data {dcn_data} uses "
+                         f"{int(np.prod(shape)) * dcn_data} devices, but {len(devices)} are "
+                         f"present")
+    if dcn_data > 1 and hasattr(devices[0], "slice_index"):
+        from jax.experimental import mesh_utils
+        try:
+            grid = mesh_utils.create_hybrid_device_mesh(shape, [dcn_data, 1, 1], devices)
+        except (ValueError, AssertionError) as e:
+            raise ValueError(f"mesh dcn_data {dcn_data} x {shape} does not fit the slices of "
+                             f"these devices: {e}") from e
+    else:
+        grid = np.asarray(devices).reshape([dcn_data * shape[0], *shape[1:]])
+    return Mesh(grid, MESH_AXES)
+
+
+def mesh_from_config(mesh_cfg: Any, devices: Sequence[Any] | None = None) -> Mesh:
+    """The mesh of a config's `mesh` fields (data, fsdp, tensor, dcn_data)."""
+    return make_mesh([mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor], devices,
+                     dcn_data=int(mesh_cfg.get("dcn_data", 1)))
 
 
 def logical_sharding(logical_specs: Any, mesh: Mesh,
@@ -59,7 +91,8 @@ def logical_sharding(logical_specs: Any, mesh: Mesh,
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-    """Sharding of a [B, ...] input batch: B over data x fsdp, the rest replicated."""
+    """Sharding of a [B, ...] input batch: B over data (including dcn_data) x fsdp, the
+    rest replicated."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 

@@ -46,6 +46,7 @@ def base_config(stage: str, model: str) -> ml_collections.ConfigDict:
     c.eval_batches = 4
     c.checkpoint_every = 100 if tiny else 1000
     c.keep_checkpoints = 2
+    c.peak_flops = 0.0         # peak FLOP/s per device (e.g. 197e12 v5e bf16); > 0 adds `mfu`
 
     c.doc_max_length = 64 if tiny else 256
     c.compress_rate = 4 if tiny else 32
@@ -60,7 +61,9 @@ def base_config(stage: str, model: str) -> ml_collections.ConfigDict:
     c.temperature = 0.02
     c.retrieval_temperature = 0.02
     c.lora_rank = 16
-    c.optimize_mem_tokens = False  # training the added tokens' embedding rows: not yet built
+    # Also train the memory tokens' embedding rows (<MEM0..n-1>; not <AE>/<ENC>/<SEP>, not
+    # lm_head), as the official training script does (it sets it on).
+    c.optimize_mem_tokens = False
 
     c.end_to_end = ml_collections.ConfigDict()
     # Stage 3: compress every distinct candidate once (eval mode) into
@@ -76,6 +79,7 @@ def base_config(stage: str, model: str) -> ml_collections.ConfigDict:
     c.data.synthetic_entities = 240
 
     c.mesh = ml_collections.ConfigDict()
+    c.mesh.dcn_data = 1        # data parallelism across slices (DCN); folded into `data`
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1

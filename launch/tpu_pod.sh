@@ -2,8 +2,12 @@
 # Train clara-jax on a Cloud TPU VM slice (v4 / v5e / v5p), every worker in lockstep.
 #
 #   TPU_NAME=clara-v5e-64 ZONE=us-west4-a ACCELERATOR=v5litepod-64 \
-#   CONFIG=configs/stage1_pretrain.py:model=mistral_7b WORKDIR=gs://bucket/stage1 \
-#   EXTRA="--config.mesh.fsdp=64 --config.mesh.data=1" bash launch/tpu_pod.sh
+#   CONFIG=configs/stage1_pretrain.py:model=mistral_7b WORKDIR=/mnt/gcs/clara/stage1 \
+#   EXTRA="--config.init_from=/mnt/gcs/ckpt/mistral --config.mesh.data=4 --config.mesh.fsdp=16" \
+#   bash launch/tpu_pod.sh
+#
+# WORKDIR (and init_from) must be a directory that every worker sees at the same path (a
+# gcsfuse mount of a bucket, or NFS/Filestore): each worker writes its checkpoint shards there.
 #
 # Creates the TPU VM if it does not exist (RUNTIME selects the image), copies this checkout to
 # every worker, installs it with the [tpu] extra, runs the train command on all workers at
@@ -32,7 +36,7 @@ tpu ssh "$TPU_NAME" --worker=all --command "mkdir -p $REMOTE_DIR && tar xzf /tmp
 echo "training: $CONFIG -> $WORKDIR"
 mkdir -p logs
 tpu ssh "$TPU_NAME" --worker=all --command \
-  "cd $REMOTE_DIR && python3 -m clara_jax.train --multihost --config=$CONFIG --workdir=$WORKDIR $EXTRA 2>&1 | tee train.log"
+  "set -o pipefail; cd $REMOTE_DIR && python3 -m clara_jax.train --multihost --config=$CONFIG --workdir=$WORKDIR $EXTRA 2>&1 | tee train.log"
 
 for w in $(seq 0 $(( $(tpu describe "$TPU_NAME" --format='value(networkEndpoints.len())' 2>/dev/null || echo 1) - 1 ))); do
   tpu scp "$TPU_NAME":"$REMOTE_DIR/train.log" "logs/worker-$w.log" --worker="$w" || true

@@ -200,3 +200,143 @@ def test_train_step_is_the_same_on_every_mesh():
     for loss, trainable in adam[1:]:
         assert abs(loss - adam[0][0]) < 1e-5
         assert max_diff(trainable, adam[0][1]) < 2e-5
+
+
+def _instruct_setup():
+    """A tiny instruct-stage problem: model, ClaraConfig (memory tokens 500..503), base,
+    adapters with non-zero B, and one batch of 8 whose documents and prompts use every
+    memory token."""
+    from clara_jax.clara.config import ClaraConfig
+    from clara_jax.model.config import preset
+    from clara_jax.model.lora import LoraConfig
+    from clara_jax.model.mistral import Mistral, init_params
+
+    mcfg = preset("tiny", num_heads=4, num_kv_heads=2, vocab_size=512, num_layers=2)
+    ccfg = ClaraConfig(doc_max_length=16, compress_rate=4, generation_top_k=2,
+                       first_mem_token_id=500, lora=LoraConfig(rank=4, alpha=8, dropout=0.1))
+    base = init_params(mcfg, jax.random.key(0))
+    adapters = train_lib.fresh_adapters(mcfg, ccfg.lora, jax.random.key(1))
+    adapters = jax.tree_util.tree_map(lambda x: x + 0.01, adapters)
+    rng = np.random.RandomState(0)
+    b, le = 8, 16 + 3 + 4
+    doc_ids = rng.randint(3, 500, (b, 2, le))
+    doc_ids[..., -4:] = np.arange(500, 504)
+    prompt = rng.randint(3, 500, (b, 40))
+    prompt[:, 5:15] = np.tile(np.r_[500:504, 506, 500:504, 506], (b, 1))
+    labels = np.where(np.arange(40) >= 30, prompt, -100)
+    batch = {"doc_ids": doc_ids, "doc_mask": np.ones_like(doc_ids), "prompt_ids": prompt,
+             "prompt_mask": np.ones_like(prompt), "labels": labels}
+    return Mistral(mcfg, ccfg.lora), ccfg, base, adapters, batch
+
+
+def test_optimize_mem_tokens_trains_only_the_memory_token_rows():
+    """With optimize_mem_tokens the memory tokens' embedding rows train beside the adapters
+    (official: a gradient hook keeps only mem_token_ids' rows); every other row, <AE> / <ENC> /
+    <SEP> included, stays bitwise equal, and the optimizer never sees the full table."""
+    from clara_jax.train import step as step_lib
+    from clara_jax.train.optim import make_optimizer
+
+    model, ccfg, base, adapters, batch = _instruct_setup()
+    batch = jax.tree_util.tree_map(jnp.asarray, batch)
+    table = np.asarray(base["embed_tokens"]["embedding"])
+
+    # SGD with lr 1: the change of the rows is exactly minus their gradient.
+    tx = optax.sgd(1.0)
+    state = step_lib.create_train_state(base, adapters, "instruct", tx, jax.random.key(2))
+    state = step_lib.train_mem_embeddings(state, ccfg, tx)
+    assert state.trainable["mem_embeddings"].shape == (4, 128)
+    step = jax.jit(step_lib.make_train_step(model, ccfg, "instruct", tx, dropout=False))
+    new_state, metrics = step(state, batch)
+    assert float(metrics["finite"]) == 1.0
+    new_base, new_adapters = step_lib.with_mem_embeddings(
+        new_state.base, {**new_state.frozen, **new_state.trainable}, ccfg)
+    assert "mem_embeddings" not in new_adapters
+    new_table = np.asarray(new_base["embed_tokens"]["embedding"])
+    np.testing.assert_array_equal(new_table[:500], table[:500])
+    np.testing.assert_array_equal(new_table[504:], table[504:])  # <AE>, <ENC>, <SEP>, rest
+    grad = table[500:504] - new_table[500:504]
+    assert np.all(np.abs(grad).max(axis=1) > 0), "every memory row gets a gradient"
+
+    # The same gradient computed directly through the loss.
+    from clara_jax.clara import losses
+
+    def loss_of_rows(rows):
+        b2, a2 = step_lib.with_mem_embeddings(base, {**adapters, "mem_embeddings": rows}, ccfg)
+        return losses.stage_loss("instruct")(model, b2, a2, batch, ccfg)[0]
+
+    direct = jax.jit(jax.grad(loss_of_rows))(jnp.asarray(table[500:504]))
+    np.testing.assert_allclose(direct, grad, rtol=1e-4, atol=1e-7)
+    # The adapters still train.
+    assert not np.array_equal(np.asarray(new_adapters["decoder"]["layers"]["mlp"]["up_proj"]
+                                         ["lora_a"]),
+                              np.asarray(adapters["decoder"]["layers"]["mlp"]["up_proj"]["lora_a"]))
+
+    # AdamW's state holds nothing of vocabulary size: the frozen table has no optimizer state.
+    adam = make_optimizer(1e-3, 10)
+    state = step_lib.train_mem_embeddings(
+        step_lib.create_train_state(base, adapters, "instruct", adam, jax.random.key(2)),
+        ccfg, adam)
+    assert all(512 not in np.shape(x) for x in jax.tree_util.tree_leaves(state.opt_state))
+
+
+def test_dcn_data_mesh_step_equals_one_device():
+    """mesh.dcn_data folds slices into the data axis: (2 dcn) x (2 data, 2 fsdp, 1 tensor) on 8
+    devices is a (4, 2, 1) mesh, slice-major, and gives the one-device step."""
+    from clara_jax import parallel
+    from clara_jax.model.mistral import logical_axes
+    from clara_jax.train import step as step_lib
+
+    mesh = parallel.make_mesh((2, 2, 1), jax.devices(), dcn_data=2)
+    assert mesh.devices.shape == (4, 2, 1)
+    # Slice 0 (the first 4 devices) owns the first half of the data axis.
+    assert {d.id for d in mesh.devices[:2].flat} == {d.id for d in jax.devices()[:4]}
+    with pytest.raises(ValueError, match="mesh dcn_data 3 does not divide the 8 devices"):
+        parallel.make_mesh((-1, 1, 1), jax.devices(), dcn_data=3)
+    with pytest.raises(ValueError, match=r"does not divide the 4 devices per slice \(dcn_data 2"):
+        parallel.make_mesh((3, 1, 1), jax.devices(), dcn_data=2)
+
+    model, ccfg, base, adapters, batch = _instruct_setup()
+    specs = logical_axes(model.config, ccfg.lora)
+    step = step_lib.make_train_step(model, ccfg, "instruct", optax.sgd(1.0), dropout=True)
+    results = []
+    for mesh in (parallel.make_mesh((1, 1, 1), jax.devices()[:1]), mesh):
+        p = jax.device_put(base, parallel.logical_sharding(specs["params"], mesh))
+        a = {n: jax.device_put(t, parallel.logical_sharding(specs["lora"], mesh))
+             for n, t in adapters.items()}
+        state = step_lib.create_train_state(p, a, "instruct", optax.sgd(1.0), jax.random.key(2))
+        gb = {k: jax.device_put(jnp.asarray(v), parallel.batch_sharding(mesh, v.ndim))
+              for k, v in batch.items()}
+        with mesh, parallel.axis_rules():
+            new_state, metrics = jax.jit(step)(state, gb)
+        results.append((float(metrics["loss"]), jax.device_get(new_state.trainable)))
+    assert abs(results[0][0] - results[1][0]) < 1e-5
+    diff = jax.tree_util.tree_map(lambda x, y: float(np.abs(x - y).max()), results[0][1],
+                                  results[1][1])
+    assert max(jax.tree_util.tree_leaves(diff)) < 1e-5
+
+
+def test_config_fields_of_mesh_dcn_mem_tokens_and_peak_flops():
+    c = config()
+    c.mesh.dcn_data, c.mesh.data, c.mesh.fsdp = 3, -1, 1
+    with pytest.raises(ValueError, match="config.mesh: mesh dcn_data 3 does not divide"):
+        train_lib.validate_config(c, n_devices=8)
+    c.mesh.dcn_data, c.mesh.fsdp, c.batch_size = 2, 2, 12
+    with pytest.raises(ValueError, match="batch_size: 12 is not divisible by mesh dcn_data x "
+                                         "data x fsdp = 8"):
+        train_lib.validate_config(c, n_devices=8)
+    c.batch_size = 16
+    c.optimize_mem_tokens = True
+    train_lib.validate_config(c, n_devices=8)  # no longer refused
+    c.peak_flops = -1.0
+    with pytest.raises(ValueError, match="config.peak_flops: must be >= 0"):
+        train_lib.validate_config(c, n_devices=8)
+    c = config("configs/pretrain_base_tiny.py")
+    c.optimize_mem_tokens = True
+    with pytest.raises(ValueError, match="config.optimize_mem_tokens: base_lm trains every"):
+        train_lib.validate_config(c, n_devices=8)
+
+
+def test_mfu_is_model_flops_over_the_peak_of_every_device():
+    assert train_lib._mfu(4e12, 0.0) == {}
+    n = jax.device_count()
+    assert train_lib._mfu(4e12, 1e12) == {"mfu": pytest.approx(4.0 / n)}

@@ -3,9 +3,13 @@
     python -m clara_jax.convert hf-mistral --model_dir HF_DIR --out_dir CKPT [--dtype bfloat16]
     python -m clara_jax.convert export-hf --checkpoint CKPT --out_dir HF_DIR [--dtype ...]
     python -m clara_jax.convert apple --clara_dir RELEASE --base_model_dir HF_DIR --out_dir DIR
-    python -m clara_jax.convert export-apple --checkpoint CLARA_DIR --out_dir RELEASE
+    python -m clara_jax.convert export-apple --checkpoint CLARA_DIR_OR_WORKDIR --out_dir RELEASE
+    python -m clara_jax.convert export-adapters --checkpoint CLARA_DIR_OR_WORKDIR --out_dir BUNDLE
+    python -m clara_jax.convert import-adapters --adapters_dir BUNDLE --base_model_dir BASE \
+        --out_dir CLARA_DIR
 """
 
+import os
 import time
 
 from absl import app, flags
@@ -13,12 +17,14 @@ from absl import app, flags
 flags.DEFINE_string("model_dir", None, "Hugging Face Mistral directory (config.json, safetensors).")
 flags.DEFINE_string("checkpoint", None, "Our checkpoint directory (or a saved Clara).")
 flags.DEFINE_string("clara_dir", None, "Apple CLaRa release (config.json, adapters.pth, ...).")
-flags.DEFINE_string("base_model_dir", None, "HF base model directory under an Apple release.")
+flags.DEFINE_string("base_model_dir", None, "Base model directory under an Apple release or an "
+                    "adapter bundle (HF Mistral, or for import-adapters also our checkpoint).")
+flags.DEFINE_string("adapters_dir", None, "A bundle written by export-adapters.")
 flags.DEFINE_string("out_dir", None, "Where to write.")
 flags.DEFINE_string("dtype", None, "Cast weights to this dtype (float32, bfloat16, float16).")
 flags.DEFINE_bool("overwrite", False, "Replace a non-empty out_dir.")
 FLAGS = flags.FLAGS
-VERBS = ("hf-mistral", "export-hf", "apple", "export-apple")
+VERBS = ("hf-mistral", "export-hf", "apple", "export-apple", "export-adapters", "import-adapters")
 
 
 def _need(*names):
@@ -50,6 +56,19 @@ def main(argv):
         _need("clara_dir", "base_model_dir", "out_dir")
         Clara.from_apple(FLAGS.clara_dir, FLAGS.base_model_dir, FLAGS.dtype).save(FLAGS.out_dir)
         print(f"{FLAGS.clara_dir} over {FLAGS.base_model_dir} -> {FLAGS.out_dir}, "
+              f"{time.time() - t0:.1f} s")
+    elif verb == "export-adapters":
+        from clara_jax.convert.adapters import TENSORS_FILE, export_trainable
+        _need("checkpoint", "out_dir")
+        export_trainable(FLAGS.checkpoint, FLAGS.out_dir)
+        size = os.path.getsize(os.path.join(FLAGS.out_dir, TENSORS_FILE))
+        print(f"{FLAGS.checkpoint} -> {FLAGS.out_dir} (adapters + added-token rows, "
+              f"{size / 2**20:.1f} MiB), {time.time() - t0:.1f} s")
+    elif verb == "import-adapters":
+        from clara_jax.convert.adapters import import_trainable
+        _need("adapters_dir", "base_model_dir", "out_dir")
+        import_trainable(FLAGS.adapters_dir, FLAGS.base_model_dir).save(FLAGS.out_dir)
+        print(f"{FLAGS.adapters_dir} over {FLAGS.base_model_dir} -> {FLAGS.out_dir}, "
               f"{time.time() - t0:.1f} s")
     else:
         from clara_jax.clara.model import Clara

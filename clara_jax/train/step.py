@@ -4,6 +4,13 @@ The state holds the frozen base, the adapters this stage trains (`trainable`, th
 the optimizer sees), the adapters it only reads (`frozen`), the optimizer state, the step and
 a PRNG key for LoRA dropout. A step whose loss or gradient is not finite leaves the state
 unchanged and reports `finite = 0`; the loop decides whether to stop or go on.
+
+`optimize_mem_tokens` (as in the official code, which turns it on in its training script):
+the embedding rows of the memory tokens (`<MEM0..n-1>`, or the one shared `<MEM>`) train
+beside the adapters. They live in `trainable["mem_embeddings"]` [num_mem_rows, hidden] and are
+written into a copy of the frozen embedding table inside the loss (rows `first_mem_token_id`
+onwards, a static range), so the rest of the table gets neither gradient nor optimizer state.
+`<AE>`, `<ENC>`, `<SEP>` and `lm_head` stay frozen, as officially.
 """
 
 from __future__ import annotations
@@ -41,12 +48,51 @@ def split_adapters(adapters: dict[str, dict], stage: str) -> tuple[dict, dict]:
     return trainable, frozen
 
 
+MEM_EMBEDDINGS = "mem_embeddings"
+
+
+def num_mem_rows(cfg: ClaraConfig) -> int:
+    """Distinct memory-token ids: n_mem, or 1 when every slot shares `<MEM>`."""
+    return cfg.n_mem if cfg.different_mem_tokens else 1
+
+
+def mem_embeddings_of(base: dict, cfg: ClaraConfig) -> jax.Array:
+    """The memory tokens' rows [num_mem_rows, hidden] of the base embedding table."""
+    start = cfg.first_mem_token_id
+    return base["embed_tokens"]["embedding"][start:start + num_mem_rows(cfg)]
+
+
+def with_mem_embeddings(base: dict, adapters: dict, cfg: ClaraConfig) -> tuple[dict, dict]:
+    """(base, adapters) with `adapters["mem_embeddings"]`, if present, written into rows
+    first_mem_token_id.. of the embedding table (a static slice: jit- and grad-friendly) and
+    removed from the adapters. Without them both come back unchanged."""
+    if MEM_EMBEDDINGS not in adapters:
+        return base, adapters
+    adapters = dict(adapters)
+    rows = adapters.pop(MEM_EMBEDDINGS)
+    table = base["embed_tokens"]["embedding"]
+    if rows.shape != (num_mem_rows(cfg), table.shape[1]):
+        raise ValueError(f"{MEM_EMBEDDINGS} has shape {tuple(rows.shape)}, expected "
+                         f"({num_mem_rows(cfg)}, {table.shape[1]})")
+    table = jax.lax.dynamic_update_slice_in_dim(table, rows.astype(table.dtype),
+                                                cfg.first_mem_token_id, axis=0)
+    return {**base, "embed_tokens": {**base["embed_tokens"], "embedding": table}}, adapters
+
+
 def create_train_state(base: dict, adapters: dict[str, dict], stage: str,
                        tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
     """A fresh state: optimizer state only for the stage's trainable adapters."""
     trainable, frozen = split_adapters(adapters, stage)
     return TrainState(step=jnp.zeros((), jnp.int32), base=base, trainable=trainable,
                       frozen=frozen, opt_state=tx.init(trainable), rng=rng)
+
+
+def train_mem_embeddings(state: TrainState, cfg: ClaraConfig,
+                         tx: optax.GradientTransformation) -> TrainState:
+    """`optimize_mem_tokens`: a fresh state that also trains the memory tokens' embedding
+    rows (`trainable["mem_embeddings"]`, copied from the base; optimizer state re-made)."""
+    trainable = {**state.trainable, MEM_EMBEDDINGS: mem_embeddings_of(state.base, cfg)}
+    return state.replace(trainable=trainable, opt_state=tx.init(trainable))
 
 
 def make_train_step(model: Mistral, cfg: ClaraConfig, stage: str,
@@ -64,8 +110,8 @@ def make_train_step(model: Mistral, cfg: ClaraConfig, stage: str,
         rng, step_rng = jax.random.split(state.rng)
 
         def objective(trainable):
-            adapters = {**state.frozen, **trainable}
-            return loss_fn(model, state.base, adapters, batch, cfg, deterministic=not dropout,
+            base, adapters = with_mem_embeddings(state.base, {**state.frozen, **trainable}, cfg)
+            return loss_fn(model, base, adapters, batch, cfg, deterministic=not dropout,
                            rng=step_rng)
 
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
@@ -92,8 +138,9 @@ def make_eval_step(model: Mistral, cfg: ClaraConfig, stage: str
     loss_fn = losses.stage_loss(stage)
 
     def eval_step(state: TrainState, batch: dict) -> dict:
-        adapters = {**state.frozen, **state.trainable}
-        _, metrics = loss_fn(model, state.base, adapters, batch, cfg, deterministic=True)
+        base, adapters = with_mem_embeddings(state.base, {**state.frozen, **state.trainable},
+                                             cfg)
+        _, metrics = loss_fn(model, base, adapters, batch, cfg, deterministic=True)
         return metrics
 
     return eval_step

@@ -67,17 +67,19 @@ def validate_config(c: ml_collections.ConfigDict, n_devices: int | None = None) 
             f"{c.num_candidates}")
     if c.on_nonfinite not in ("stop", "skip"):
         bad("on_nonfinite", f"must be 'stop' or 'skip', got {c.on_nonfinite!r}")
-    shape = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
     try:
-        mesh_shape = parallel.make_mesh(shape, list(range(n_devices))).devices.shape
+        mesh_shape = parallel.mesh_from_config(c.mesh, list(range(n_devices))).devices.shape
     except ValueError as e:
         bad("mesh", str(e))
     batch_shards = mesh_shape[0] * mesh_shape[1]
     if c.batch_size % batch_shards:
-        bad("batch_size", f"{c.batch_size} is not divisible by mesh data x fsdp = {batch_shards}")
-    if c.optimize_mem_tokens:
-        bad("optimize_mem_tokens", "training the special-token embedding rows is not "
-            "implemented yet; set it to False")
+        axes = "data x fsdp" if c.mesh.get("dcn_data", 1) == 1 else "dcn_data x data x fsdp"
+        bad("batch_size", f"{c.batch_size} is not divisible by mesh {axes} = {batch_shards}")
+    if c.optimize_mem_tokens and c.stage == "base_lm":
+        bad("optimize_mem_tokens", "base_lm trains every weight already (and adds no memory "
+            "tokens); set it to False")
+    if c.get("peak_flops", 0) < 0:
+        bad("peak_flops", f"must be >= 0 (FLOP/s per device; 0 = unknown), got {c.peak_flops}")
     if c.init_from and not os.path.exists(c.init_from):
         bad("init_from", f"{c.init_from} does not exist")
     if c.stage == "end_to_end" and c.get("end_to_end", {}).get("cache_candidates", False):
@@ -236,6 +238,14 @@ def _model_flops(model_cfg: MistralConfig, batch: dict, stage: str) -> float:
     return 3.0 * fwd
 
 
+def _mfu(model_flops_per_s: float, peak_flops_per_device: float) -> dict:
+    """{"mfu": achieved model FLOP/s / (peak FLOP/s per device x devices)}; {} when the
+    peak is unknown (0)."""
+    if not peak_flops_per_device:
+        return {}
+    return {"mfu": model_flops_per_s / (peak_flops_per_device * jax.device_count())}
+
+
 def _retrieval_metrics(topk: np.ndarray, pos_mask: np.ndarray) -> dict:
     has = pos_mask.sum(1) > 0
     if not has.any():
@@ -253,7 +263,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(c.to_json(indent=2))
-    mesh = parallel.make_mesh([c.mesh.data, c.mesh.fsdp, c.mesh.tensor])
+    mesh = parallel.mesh_from_config(c.mesh)
     files = data_files(c, workdir)
 
     def text_lines():
@@ -343,6 +353,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                     for n, a in adapters.items()}
         state = step_lib.create_train_state(params, adapters, c.stage, tx,
                                             jax.random.key(c.seed))
+        if c.optimize_mem_tokens:
+            state = step_lib.train_mem_embeddings(state, cfg, tx)
         train_step = step_lib.make_train_step(model, cfg, c.stage, tx, schedule, c.dropout)
         eval_step = step_lib.make_eval_step(model, cfg, c.stage)
     train_step = jax.jit(train_step, donate_argnums=(0,))
@@ -410,6 +422,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                            "steps_per_s": steps_since / elapsed,
                            "tokens_per_s": tokens_since / elapsed,
                            "model_flops_per_s": flops_since / elapsed,
+                           **_mfu(flops_since / elapsed, c.get("peak_flops", 0)),
                            "epoch": truncation["epoch"],
                            # documents / prompts cut to their static length so far this epoch
                            "truncated_docs_epoch": truncation["truncated_docs"],
@@ -486,8 +499,10 @@ def export_model(workdir: str, model_cfg: MistralConfig, cfg: ClaraConfig | None
         return
     from clara_jax.clara.model import Clara
     tok = ClaraTokenizer.from_file(tokenizer_path, cfg.n_mem, cfg.different_mem_tokens)
-    adapters = {**state.frozen, **state.trainable}
-    Clara(model_cfg, cfg, jax.device_get(state.base), jax.device_get(adapters), tok,
+    # optimize_mem_tokens: the trained memory-token rows go back into the embedding table.
+    base, adapters = step_lib.with_mem_embeddings(state.base,
+                                                  {**state.frozen, **state.trainable}, cfg)
+    Clara(model_cfg, cfg, jax.device_get(base), jax.device_get(adapters), tok,
           tokenizer_path=tokenizer_path).save(out)
 
 
