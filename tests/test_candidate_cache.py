@@ -150,3 +150,23 @@ def test_short_stage3_run_with_the_cache(tmp_path):
     records = [json.loads(l) for l in open(tmp_path / "data" / "end_to_end_train.jsonl")]
     records += [json.loads(l) for l in open(tmp_path / "data" / "end_to_end_eval.jsonl")]
     assert meta["num_docs"] == len({d for r in records for d in r["docs"]})
+
+
+def test_encoder_passes_never_project_to_the_vocabulary(setup):
+    import re
+
+    from clara_jax.clara.compress import compress
+    from clara_jax.clara.prompts import encode_documents
+
+    model = setup["model"]
+    vocab = model.model_config.vocab_size
+    ids, mask, _ = encode_documents(model.tokenizer, setup["records"][0]["docs"], DOC_MAX,
+                                    model.config.n_mem)
+    has_vocab_axis = lambda jaxpr: re.search(rf"\[[0-9,]*,{vocab}\]", str(jaxpr)) is not None
+    enc = jax.make_jaxpr(lambda i, m: compress(model.model, model.params,
+                                               model.adapters["encoder"], i, m,
+                                               model.config.n_mem))(ids, mask)
+    full = jax.make_jaxpr(lambda i, m: model.model.apply(
+        {"params": model.params, "lora": model.adapters["encoder"]}, i,
+        attention_mask=m).logits)(ids, mask)
+    assert has_vocab_axis(full) and not has_vocab_axis(enc)
