@@ -18,7 +18,6 @@ import functools
 import json
 import os
 import shutil
-import tempfile
 from typing import Sequence
 
 import jax
@@ -31,6 +30,7 @@ from clara_jax.clara.config import ClaraConfig, canonical_stage
 from clara_jax.clara.retrieval import cosine_scores, encode_queries
 from clara_jax.clara.splice import splice
 from clara_jax.clara.tokenizer import ClaraTokenizer
+from clara_jax.fileio import atomic_directory
 from clara_jax.model import decode
 from clara_jax.model.config import MistralConfig
 from clara_jax.model.lora import LoraConfig
@@ -135,11 +135,7 @@ class Clara:
 
         if self.tokenizer_path is None:
             raise ValueError("this Clara has no tokenizer.model path to save")
-        out_dir = os.path.abspath(out_dir)
-        parent = os.path.dirname(out_dir)
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".clara-", dir=parent)
-        try:
+        with atomic_directory(out_dir, prefix=".clara-") as tmp:
             with ocp.StandardCheckpointer() as ckptr:
                 ckptr.save(os.path.join(tmp, "state"),
                            {"params": self.params, "adapters": self.adapters})
@@ -149,12 +145,6 @@ class Clara:
             with open(os.path.join(tmp, "apple_config.json"), "w") as f:
                 json.dump(self.apple_config, f, indent=2, sort_keys=True)
             shutil.copyfile(self.tokenizer_path, os.path.join(tmp, TOKENIZER_FILE))
-            if os.path.exists(out_dir):
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def load(cls, path: str, **kwargs) -> "Clara":

@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from clara_jax.convert.safetensors_io import SafetensorsFile, save_file
+from clara_jax.fileio import atomic_directory
 
 if TYPE_CHECKING:
     from clara_jax.clara.model import Clara
@@ -88,20 +87,10 @@ def export_trainable(source: Clara | str, out_dir: str) -> dict:
         "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
                     for k, v in tensors.items()},
     }
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".trainable-", dir=parent)
-    try:
+    with atomic_directory(out_dir, prefix=".trainable-") as tmp:
         save_file(tensors, os.path.join(tmp, TENSORS_FILE), metadata={"format": FORMAT})
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return config
 
 

@@ -16,13 +16,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
 
 from clara_jax.clara.config import APPLE_STAGES, ClaraConfig, canonical_stage
+from clara_jax.fileio import atomic_directory
 from clara_jax.model.config import MistralConfig
 from clara_jax.model.lora import LORA_TARGETS, LoraConfig
 
@@ -210,10 +209,7 @@ def save_apple(out_dir: str, params: dict, adapters: dict[str, dict], model_cfg:
                cfg: ClaraConfig, apple_config: dict | None = None) -> None:
     """Writes an Apple release directory (atomically: temp dir, then rename)."""
     torch = _require_torch(os.path.join(out_dir, "adapters.pth"))
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".apple-", dir=parent)
-    try:
+    with atomic_directory(out_dir, prefix=".apple-") as tmp:
         state = {f"{apple}": {k: torch.from_numpy(v) for k, v in
                               adapter_to_peft(adapters[ours], model_cfg).items()}
                  for apple, ours in APPLE_ADAPTERS.items() if ours in adapters}
@@ -225,9 +221,3 @@ def save_apple(out_dir: str, params: dict, adapters: dict[str, dict], model_cfg:
                    os.path.join(tmp, "decoder_first_last_layers.pth"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(clara_config_to_apple(cfg, apple_config), f, indent=2, sort_keys=True)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from clara_jax.convert import safetensors_io
+from clara_jax.fileio import atomic_directory
 from clara_jax.model.config import MistralConfig
 
 CONFIG = "config.json"
@@ -191,21 +191,12 @@ def save_checkpoint(out_dir: str, cfg: MistralConfig, params: dict,
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".ckpt-", dir=parent)
-    try:
+    with atomic_directory(out_dir, prefix=".ckpt-") as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, "params"), params)
         cfg.to_json(os.path.join(tmp, "model_config.json"))
         if tokenizer_path:
             shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER))
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def convert_hf_to_checkpoint(model_dir: str, out_dir: str, dtype: str | None = None,
