@@ -112,3 +112,10 @@ def test_table_has_a_row_per_rate_and_recall_columns_when_reported(tmp_path):
     assert lines[2] == "| 4 | 16 | end_to_end | 7/10 | 2.0000 |  |  |  |"
     assert lines[3] == "| 16 | 4 | end_to_end | 10/10 | 1.5000 | 0.2500 | 1.7500 | 0.7500 |"
     assert json.load(open(tmp_path / "sweep_table.json")) == out["rows"]
+    # notebooks/compression_ablation.ipynb reads this sweep, evaluates each rate, plots.
+    from tests.test_notebooks import outputs, run_notebook
+    nb = run_notebook("compression_ablation.ipynb", {"CLARA_ROOT": ROOT, "SWEEP_DIR": str(work),
+                                                     "EVAL_LIMIT": "8"}, tmp_path)
+    text = outputs(nb)
+    assert "| 4x | normal |" in text and "| 8x | normal |" in text
+    assert "rates: [4, 8]" in text and (work / "ablation.png").stat().st_size > 1000
