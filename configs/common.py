@@ -64,6 +64,12 @@ def base_config(stage: str, model: str) -> ml_collections.ConfigDict:
     # Also train the memory tokens' embedding rows (<MEM0..n-1>; not <AE>/<ENC>/<SEP>, not
     # lm_head), as the official training script does (it sets it on).
     c.optimize_mem_tokens = False
+    # Execution settings of the model (None: the preset's / checkpoint's value); parameters
+    # and checkpoints do not depend on them. remat_policy: none | full | dots | dots_no_batch;
+    # attention_impl: xla | cudnn.
+    c.remat_policy = ml_collections.config_dict.placeholder(str)
+    c.scan_layers = ml_collections.config_dict.placeholder(bool)
+    c.attention_impl = ml_collections.config_dict.placeholder(str)
 
     c.end_to_end = ml_collections.ConfigDict()
     # Stage 3: compress every distinct candidate once (eval mode) into

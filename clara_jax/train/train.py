@@ -18,7 +18,7 @@ import json
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -216,6 +216,65 @@ def read_records(c, files: str, workdir: str, role: str) -> list[dict]:
 
 # -- 4./5. the run ------------------------------------------------------------------------
 
+EXECUTION_FIELDS = ("remat_policy", "scan_layers", "attention_impl")
+
+
+def execution_config(c: ml_collections.ConfigDict, model_cfg: MistralConfig) -> MistralConfig:
+    """model_cfg with the run's execution settings (`EXECUTION_FIELDS`) where the config sets
+    them; None (the default) keeps the preset's or checkpoint's value. Parameters and
+    checkpoints do not depend on these."""
+    return model_cfg.replace(**{f: c[f] for f in EXECUTION_FIELDS if c.get(f) is not None})
+
+
+class StepSetup(NamedTuple):
+    """Everything a run's step needs besides data, shared by `train` and `clara_jax.aot`:
+    the optimizer and schedule, the (un-jitted) train / eval steps, and the NamedShardings of
+    the base parameters and of one adapter tree (None for base_lm)."""
+
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    train_step: Callable
+    eval_step: Callable
+    param_sharding: Any
+    lora_sharding: Any
+
+
+def make_step_setup(c: ml_collections.ConfigDict, model: Mistral, cfg: ClaraConfig | None,
+                    mesh) -> StepSetup:
+    """The optimizer, steps and parameter shardings of the run described by `c` on `mesh`."""
+    from clara_jax.model.mistral import logical_axes
+    base_lm = c.stage == "base_lm"
+    schedule = learning_rate_schedule(c.learning_rate, c.total_steps, c.warmup_ratio,
+                                      c.min_lr_ratio)
+    tx = make_optimizer(c.learning_rate, c.total_steps, warmup_ratio=c.warmup_ratio,
+                        min_lr_ratio=c.min_lr_ratio, b1=c.b1, b2=c.b2,
+                        weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm,
+                        accumulation_steps=c.grad_accum)
+    specs = logical_axes(model.config, None if base_lm else cfg.lora)
+    if base_lm:
+        return StepSetup(tx, schedule, make_base_lm_step(model, tx, schedule),
+                         make_base_lm_eval(model), parallel.logical_sharding(specs["params"], mesh),
+                         None)
+    return StepSetup(tx, schedule,
+                     step_lib.make_train_step(model, cfg, c.stage, tx, schedule, c.dropout),
+                     step_lib.make_eval_step(model, cfg, c.stage),
+                     parallel.logical_sharding(specs["params"], mesh),
+                     parallel.logical_sharding(specs["lora"], mesh))
+
+
+def init_state(c: ml_collections.ConfigDict, setup: StepSetup, params: dict,
+               adapters: dict | None) -> step_lib.TrainState:
+    """A fresh train state (also under `jax.eval_shape` for abstract shapes): base_lm trains
+    every base weight (`trainable={"base": params}`); a CLaRa stage its adapters."""
+    if c.stage == "base_lm":
+        return step_lib.TrainState(step=jnp.zeros((), jnp.int32), base={},
+                                   trainable={"base": params}, frozen={},
+                                   opt_state=setup.tx.init({"base": params}),
+                                   rng=jax.random.key(c.seed))
+    return step_lib.create_train_state(params, adapters, c.stage, setup.tx,
+                                       jax.random.key(c.seed))
+
+
 def _local_batch_to_global(batch: dict, sharding_fn, candidates=None) -> dict:
     """This host's batch as global arrays; with a CandidateCache, plus its `doc_table`."""
     out = {k: jax.make_array_from_process_local_data(sharding_fn(v.ndim), np.asarray(v))
@@ -295,6 +354,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
             params = resize_vocab(params, tok.vocab_size, rng)
             model_cfg = model_cfg.replace(vocab_size=tok.vocab_size)
         start["params"] = params
+    model_cfg = execution_config(c, model_cfg)
     model = Mistral(model_cfg, None if base_lm else cfg.lora)
 
     # Data.
@@ -325,38 +385,21 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                                             shard_index=shard_index, shard_count=shard_count)
 
     # State, step, checkpoints.
-    schedule = learning_rate_schedule(c.learning_rate, c.total_steps, c.warmup_ratio,
-                                      c.min_lr_ratio)
-    tx = make_optimizer(c.learning_rate, c.total_steps, warmup_ratio=c.warmup_ratio,
-                        min_lr_ratio=c.min_lr_ratio, b1=c.b1, b2=c.b2,
-                        weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm,
-                        accumulation_steps=c.grad_accum)
-    from clara_jax.model.mistral import logical_axes
-    specs = logical_axes(model_cfg, None if base_lm else cfg.lora)
-    param_sharding = parallel.logical_sharding(specs["params"], mesh)
-    params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, start["params"]), param_sharding)
-    if base_lm:
-        adapters = {"base": params}
-        state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), base={},
-                                    trainable={"base": params}, frozen={},
-                                    opt_state=tx.init({"base": params}),
-                                    rng=jax.random.key(c.seed))
-        train_step = make_base_lm_step(model, tx, schedule)
-        eval_step = make_base_lm_eval(model)
-    else:
+    setup = make_step_setup(c, model, cfg, mesh)
+    params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, start["params"]),
+                            setup.param_sharding)
+    adapters = None
+    if not base_lm:
         adapters = start["adapters"] or fresh_adapters(model_cfg, cfg.lora,
                                                        jax.random.key(c.seed + 1))
         if "query_reasoner" not in adapters:
             adapters["query_reasoner"] = adapters["encoder"]
-        lora_sharding = parallel.logical_sharding(specs["lora"], mesh)
-        adapters = {n: jax.device_put(jax.tree_util.tree_map(jnp.asarray, a), lora_sharding)
-                    for n, a in adapters.items()}
-        state = step_lib.create_train_state(params, adapters, c.stage, tx,
-                                            jax.random.key(c.seed))
-        if c.optimize_mem_tokens:
-            state = step_lib.train_mem_embeddings(state, cfg, tx)
-        train_step = step_lib.make_train_step(model, cfg, c.stage, tx, schedule, c.dropout)
-        eval_step = step_lib.make_eval_step(model, cfg, c.stage)
+        adapters = {n: jax.device_put(jax.tree_util.tree_map(jnp.asarray, a),
+                                      setup.lora_sharding) for n, a in adapters.items()}
+    state = init_state(c, setup, params, adapters)
+    if c.optimize_mem_tokens:
+        state = step_lib.train_mem_embeddings(state, cfg, setup.tx)
+    train_step, eval_step = setup.train_step, setup.eval_step
     train_step = jax.jit(train_step, donate_argnums=(0,))
     eval_step = jax.jit(eval_step)
 
