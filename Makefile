@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m clara_jax.demo --workdir $(WORKDIR)
+	# The demo is the CPU job; JAX_PLATFORMS=cpu keeps libtpu (the [tpu] extra) from probing for a TPU.
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(PY) -m clara_jax.demo --workdir $(WORKDIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -rs tests

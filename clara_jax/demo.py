@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sys
 import time
 from typing import Any
@@ -42,45 +43,70 @@ STAGE_FILES = {"base": "pretrain_base_tiny.py", "stage1": "stage1_pretrain.py",
 
 # -- data ----------------------------------------------------------------------------------
 
-def write_base_text(world_dir: str, out_path: str) -> str:
-    """The base LM's pretraining texts (JSONL {"text"}) from a separate invented world (so the
-    base knows none of the facts CLaRa is trained and evaluated on, and the stages must read
-    them from the documents): its documents and QA lines, document QA and paraphrases with the
-    document as text (the stage-1 prompts with text instead of memory tokens), text-RAG and
-    closed-book answers (the layouts `evaluate` uses for its baselines). Returns out_path."""
+def write_base_text(world_dirs: list[str], out_path: str) -> str:
+    """The base LM's pretraining texts (JSONL {"text"}) from the base worlds, which share no
+    entity with the worlds CLaRa is trained and evaluated on: documents and QA lines, document
+    QA and paraphrases with the document as text (the stage-1 prompts with text instead of
+    memory tokens), text-RAG and closed-book answers (the layouts `evaluate` uses for its
+    baselines). Many small worlds, each seen about once, make reading the context cheaper
+    than memorising it. Returns out_path."""
     from clara_jax.clara import prompts
     from clara_jax.data import formats
 
-    texts = [line for line in open(os.path.join(world_dir, "pretrain_text.txt"),
-                                   encoding="utf-8").read().splitlines() if line.strip()]
-    scp, _ = formats.read_jsonl([os.path.join(world_dir, f"pretrain_{s}.jsonl")
-                                 for s in ("train", "eval")], "pretrain")
-    for i, r in enumerate(scp):
-        background = "\n".join(r["docs"])
-        if r["data_type"] == "qa":
-            target = "\n".join(f"Question: {q}\nAnswer: {a}"
-                               for q, a in zip(r["questions"], r["answers"]))
-            texts.append(prompts.mistral_chat(prompts.SYSTEM_QA, f"Background:\n{background}",
-                                              target))
-        else:
-            instruction = prompts.PARAPHRASE_INSTRUCTIONS[i % len(prompts.PARAPHRASE_INSTRUCTIONS)]
-            texts.append(prompts.mistral_chat(prompts.SYSTEM_PARAPHRASE,
-                                              instruction.format(docs=background),
-                                              r["answers"][0]))
-    qa, _ = formats.read_jsonl([os.path.join(world_dir, f"instruct_{s}.jsonl")
-                                for s in ("train", "eval")], "instruct")
-    for r in qa:
-        texts.append(prompts.full_text_string(r["question"], r["docs"], r["answers"][0]))
-        texts.append(prompts.closed_book_string(r["question"], r["answers"][0]))
+    texts: list[str] = []
+    for world_dir in world_dirs:
+        texts += [line for line in open(os.path.join(world_dir, "pretrain_text.txt"),
+                                        encoding="utf-8").read().splitlines() if line.strip()]
+        scp, _ = formats.read_jsonl([os.path.join(world_dir, f"pretrain_{s}.jsonl")
+                                     for s in ("train", "eval")], "pretrain")
+        for i, r in enumerate(scp):
+            background = "\n".join(r["docs"])
+            if r["data_type"] == "qa":
+                target = "\n".join(f"Question: {q}\nAnswer: {a}"
+                                   for q, a in zip(r["questions"], r["answers"]))
+                texts.append(prompts.mistral_chat(prompts.SYSTEM_QA,
+                                                  f"Background:\n{background}", target))
+            else:
+                instruction = prompts.PARAPHRASE_INSTRUCTIONS[
+                    i % len(prompts.PARAPHRASE_INSTRUCTIONS)]
+                texts.append(prompts.mistral_chat(prompts.SYSTEM_PARAPHRASE,
+                                                  instruction.format(docs=background),
+                                                  r["answers"][0]))
+        qa, _ = formats.read_jsonl([os.path.join(world_dir, f"instruct_{s}.jsonl")
+                                    for s in ("train", "eval")], "instruct")
+        for r in qa:
+            texts.append(prompts.full_text_string(r["question"], r["docs"], r["answers"][0]))
+            texts.append(prompts.closed_book_string(r["question"], r["answers"][0]))
+    random.Random(0).shuffle(texts)
     with open(out_path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
     return out_path
 
 
+def make_worlds(cfg, workdir: str) -> dict[str, list[str]]:
+    """Generates the synthetic worlds (idempotent): {"base": dirs, "clara": dirs}. The first
+    CLaRa world's eval split (held-out entities) is the evaluation set."""
+    from clara_jax.data import synthetic
+
+    out: dict[str, list[str]] = {"base": [], "clara": []}
+    for role, count, first_seed in (("clara", cfg.worlds, cfg.seed),
+                                    ("base", cfg.base.worlds, cfg.seed + 1000)):
+        for i in range(count):
+            path = os.path.join(workdir, "data", f"{role}_world{i}")
+            if not os.path.exists(os.path.join(path, "manifest.json")):
+                synthetic.generate_corpus(path, seed=first_seed + i,
+                                          num_entities=cfg.num_entities,
+                                          num_candidates=cfg.num_candidates, k=cfg.top_k)
+            out[role].append(path)
+    return out
+
+
 # -- training ------------------------------------------------------------------------------
 
-def stage_config(cfg, name: str, workdir_data: str, rate: int | None, init_from: str):
-    """The trainer config of one demo stage: the stage's config file plus the demo's values."""
+def stage_config(cfg, name: str, worlds: dict[str, list[str]], rate: int | None,
+                 init_from: str):
+    """The trainer config of one demo stage: the stage's config file plus the demo's values.
+    Stages train on every CLaRa world's train split and evaluate on the first's eval split."""
     import importlib.util
     spec = importlib.util.spec_from_file_location(f"demo_{name}",
                                                   os.path.join(_CONFIG_DIR, STAGE_FILES[name]))
@@ -97,11 +123,10 @@ def stage_config(cfg, name: str, workdir_data: str, rate: int | None, init_from:
     c.eval_every = s.steps
     c.checkpoint_every = max(s.steps // 4, 1)
     c.init_from = init_from
-    data = lambda f: os.path.join(workdir_data, f)
     if name == "base":
         c.max_len = s.max_len
         c.vocab_size = s.vocab_size
-        c.data.train_files = data("base_text.jsonl")
+        c.data.train_files = os.path.join(os.path.dirname(worlds["base"][0]), "base_text.jsonl")
         return c
     c.doc_max_length = cfg.doc_max_length
     c.compress_rate = rate
@@ -109,8 +134,8 @@ def stage_config(cfg, name: str, workdir_data: str, rate: int | None, init_from:
     c.num_candidates = cfg.num_candidates
     c.max_len = cfg.max_len
     fmt = {"stage1": "pretrain", "stage2": "instruct", "stage3": "end_to_end"}[name]
-    c.data.train_files = data(f"{fmt}_train.jsonl")
-    c.data.eval_files = data(f"{fmt}_eval.jsonl")
+    c.data.train_files = ",".join(os.path.join(w, f"{fmt}_train.jsonl") for w in worlds["clara"])
+    c.data.eval_files = os.path.join(worlds["clara"][0], f"{fmt}_eval.jsonl")
     if name == "stage3":
         c.temperature = s.temperature
     return c
@@ -136,15 +161,14 @@ def run_stage(c, workdir: str) -> str:
 
 # -- evaluation ----------------------------------------------------------------------------
 
-def evaluate_models(cfg, data_dir: str, models: dict[int, dict[str, str]], out_dir: str
+def evaluate_models(cfg, eval_file: str, models: dict[int, dict[str, str]]
                     ) -> list[dict[str, Any]]:
     """Every row of the demo table (a dict per system and setting)."""
     from clara_jax.clara.model import Clara
     from clara_jax.data import formats
     from clara_jax.eval.evaluate import evaluate
 
-    records, _ = formats.read_jsonl(os.path.join(data_dir, "eval.jsonl"), "eval",
-                                    num_candidates=cfg.num_candidates)
+    records, _ = formats.read_jsonl(eval_file, "eval", num_candidates=cfg.num_candidates)
     if cfg.eval.limit:
         records = records[:cfg.eval.limit]
     kw = dict(top_k=cfg.top_k, batch_size=cfg.eval.batch_size,
@@ -248,32 +272,24 @@ def check(rows: list[dict]) -> list[str]:
 
 def run(cfg, workdir: str) -> dict:
     """Runs (or resumes) the whole demo; returns {"rows", "failures", "seconds"}."""
-    from clara_jax.data import synthetic
-
     t0 = time.time()
     rates = [int(r) for r in str(cfg.rates).split(",") if r.strip()]
     for r in rates:
         if cfg.doc_max_length % r:
             raise ValueError(f"config.rates: doc_max_length {cfg.doc_max_length} is not a "
                              f"multiple of compression rate {r}")
-    data_dir = os.path.join(workdir, "data")
-    world_dir = os.path.join(workdir, "base_world")
-    for path, seed, n in ((data_dir, cfg.seed, cfg.num_entities),
-                          (world_dir, cfg.seed + 1000, cfg.base.num_entities)):
-        if not os.path.exists(os.path.join(path, "manifest.json")):
-            synthetic.generate_corpus(path, seed=seed, num_entities=n,
-                                      num_candidates=cfg.num_candidates, k=cfg.top_k)
-    write_base_text(world_dir, os.path.join(data_dir, "base_text.jsonl"))
-    base = run_stage(stage_config(cfg, "base", data_dir, None, ""), os.path.join(workdir, "base"))
+    worlds = make_worlds(cfg, workdir)
+    write_base_text(worlds["base"], os.path.join(workdir, "data", "base_text.jsonl"))
+    base = run_stage(stage_config(cfg, "base", worlds, None, ""), os.path.join(workdir, "base"))
     models: dict[int, dict[str, str]] = {}
     for rate in rates:
         prev, models[rate] = base, {}
         for name in ("stage1", "stage2", "stage3"):
             wd = os.path.join(workdir, f"rate{rate}", name)
-            prev = models[rate][name] = run_stage(stage_config(cfg, name, data_dir, rate, prev),
+            prev = models[rate][name] = run_stage(stage_config(cfg, name, worlds, rate, prev),
                                                   wd)
     print("== evaluation on held-out entities", flush=True)
-    rows = evaluate_models(cfg, data_dir, models, workdir)
+    rows = evaluate_models(cfg, os.path.join(worlds["clara"][0], "eval.jsonl"), models)
     table = format_results(rows)
     failures = check(rows) if cfg.eval.check else []
     seconds = time.time() - t0

@@ -331,6 +331,9 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
             if path.endswith(".txt"):
                 with open(path) as f:
                     out.extend(f.read().splitlines())
+            elif c.stage == "base_lm":  # JSONL {"text": ...}: texts that may hold newlines
+                recs, _ = formats.read_jsonl(path, "text", skip_invalid=c.data.skip_invalid)
+                out.extend(r["text"] for r in recs)
             else:
                 recs, _ = formats.read_jsonl(path, pipeline.STAGE_FORMAT.get(c.stage, "pretrain"),
                                              skip_invalid=True)
