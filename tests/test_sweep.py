@@ -88,6 +88,13 @@ def test_two_rate_sweep_on_the_tiny_model_and_its_table(tmp_path):
                 "--config=configs/sweeps/compression_rate.py:rates=4,8,doc_max_length=16",
                 f"--workdir={work}", "--config.total_steps=3")
     assert again.count("finished earlier") == 2
+    # notebooks/compression_ablation.ipynb reads this sweep, evaluates each rate, plots.
+    from tests.test_notebooks import outputs, run_notebook
+    nb = run_notebook("compression_ablation.ipynb", {"CLARA_ROOT": ROOT, "SWEEP_DIR": str(work),
+                                                     "EVAL_LIMIT": "8"}, tmp_path)
+    text = outputs(nb)
+    assert "| 4x | normal |" in text and "| 8x | normal |" in text
+    assert "rates: [4, 8]" in text and (work / "ablation.png").stat().st_size > 1000
 
 
 def test_table_has_a_row_per_rate_and_recall_columns_when_reported(tmp_path):
@@ -112,10 +119,3 @@ def test_table_has_a_row_per_rate_and_recall_columns_when_reported(tmp_path):
     assert lines[2] == "| 4 | 16 | end_to_end | 7/10 | 2.0000 |  |  |  |"
     assert lines[3] == "| 16 | 4 | end_to_end | 10/10 | 1.5000 | 0.2500 | 1.7500 | 0.7500 |"
     assert json.load(open(tmp_path / "sweep_table.json")) == out["rows"]
-    # notebooks/compression_ablation.ipynb reads this sweep, evaluates each rate, plots.
-    from tests.test_notebooks import outputs, run_notebook
-    nb = run_notebook("compression_ablation.ipynb", {"CLARA_ROOT": ROOT, "SWEEP_DIR": str(work),
-                                                     "EVAL_LIMIT": "8"}, tmp_path)
-    text = outputs(nb)
-    assert "| 4x | normal |" in text and "| 8x | normal |" in text
-    assert "rates: [4, 8]" in text and (work / "ablation.png").stat().st_size > 1000

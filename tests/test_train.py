@@ -83,7 +83,7 @@ def test_every_stage_learns_on_the_synthetic_data(tmp_path):
                     vocab_size=400)
     loss = losses_of(tmp_path / "base")
     assert np.mean(loss[-5:]) < np.mean(loss[:5]) - 0.5
-    common = dict(max_len=192, doc_max_length=32, num_candidates=8, generation_top_k=2)
+    common = dict(max_len=256, doc_max_length=32, num_candidates=8, generation_top_k=2)
     s1 = tiny_run(tmp_path / "s1", "configs/stage1_pretrain.py", 30, learning_rate=1e-3,
                   init_from=base["model_dir"], **common)
     s2 = tiny_run(tmp_path / "s2", "configs/stage2_instruct.py", 30, learning_rate=1e-3,
