@@ -447,11 +447,14 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                     truncation.update(epoch=epoch, truncated_docs=0, truncated_prompts=0)
                 truncation["truncated_docs"] += int(np.sum(batch.pop("truncated_docs", 0)))
                 truncation["truncated_prompts"] += int(np.sum(batch.pop("truncated_prompt", 0)))
-                pos_mask = batch.pop("pos_mask", None)
+                # Recall metrics read pos_mask; only retrieval pretraining's loss does.
+                pos_mask = (batch.get("pos_mask") if c.stage == "retrieval_pretrain"
+                            else batch.pop("pos_mask", None))
                 if candidates is not None:
                     batch = candidates.swap_in(batch, train_rows)
                 batch.pop("index", None)
-                tokens_since += int(sum(np.sum(batch[k]) for k in batch if k.endswith("mask"))
+                tokens_since += int(sum(np.sum(batch[k]) for k in batch
+                                        if k.endswith("mask") and k != "pos_mask")
                                     if not base_lm else batch["ids"].size)
                 flops_since += _model_flops(model_cfg, batch, c.stage)
                 state, metrics = train_step(state, _local_batch_to_global(batch, batch_sharding,
@@ -484,7 +487,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                     _nonfinite(c, ckpt, done)
                 if eval_ds is not None and (done % c.eval_every == 0 or done == c.total_steps):
                     ev = evaluate_loss(eval_step, state, eval_ds, c.eval_batches, batch_sharding,
-                                       candidates and (candidates, eval_rows))
+                                       candidates and (candidates, eval_rows),
+                                       keep_pos_mask=c.stage == "retrieval_pretrain")
                     ev["step"] = done
                     _log(writer, ev, "eval")
                     last.update({f"eval_{k}": v for k, v in ev.items() if k != "step"})
@@ -514,9 +518,10 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def evaluate_loss(eval_step, state, eval_ds, max_batches: int, batch_sharding,
-                  candidates=None) -> dict:
+                  candidates=None, keep_pos_mask: bool = False) -> dict:
     """Mean of the eval metrics (scalars) over up to max_batches held-out batches.
-    candidates: (CandidateCache, record rows [R, N]) in stage 3 with the cache, else None."""
+    candidates: (CandidateCache, record rows [R, N]) in stage 3 with the cache, else None.
+    keep_pos_mask: the loss reads `pos_mask` (retrieval pretraining)."""
     sums: dict[str, float] = {}
     n = 0
     for batch in eval_ds:
@@ -524,8 +529,10 @@ def evaluate_loss(eval_step, state, eval_ds, max_batches: int, batch_sharding,
             break
         if candidates:
             batch = candidates[0].swap_in(batch, candidates[1])
-        for key in ("truncated_docs", "truncated_prompt", "pos_mask", "index"):
+        for key in ("truncated_docs", "truncated_prompt", "index"):
             batch.pop(key, None)
+        if not keep_pos_mask:
+            batch.pop("pos_mask", None)
         m = jax.device_get(eval_step(state, _local_batch_to_global(
             batch, batch_sharding, candidates[0] if candidates else None)))
         for k, v in m.items():
