@@ -54,7 +54,8 @@ def _round_up(x: int, multiple: int) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("model", "n_mem"))
-def _compress_jit(model, base, adapter, ids, mask, n_mem):
+def compress_jit(model, base, adapter, ids, mask, n_mem):
+    """Jitted `compress`: (memory states [B, n, D], MSE term) in eval mode."""
     return compress(model, base, adapter, ids, mask, n_mem)
 
 
@@ -72,6 +73,22 @@ def _generate_jit(model, base, adapter, ids, mask, positions, states, max_new_to
     return decode.generate(model, variables, inputs_embeds=embeds,
                            attention_mask=mask, max_new_tokens=max_new_tokens, eos_id=eos_id,
                            pad_id=pad_id)
+
+
+def map_in_padded_batches(fn, ids: np.ndarray, mask: np.ndarray, batch_size: int
+                          ) -> np.ndarray:
+    """fn(ids, mask) over rows [R, L] in batches of exactly batch_size rows (the last one
+    padded by repeating its final row, so one compiled program serves every batch); the
+    outputs' first R rows, concatenated (numpy)."""
+    outs = []
+    for start in range(0, len(ids), batch_size):
+        cid, cmask = ids[start:start + batch_size], mask[start:start + batch_size]
+        n = len(cid)
+        if n < batch_size:
+            cid = np.concatenate([cid, np.repeat(cid[-1:], batch_size - n, 0)])
+            cmask = np.concatenate([cmask, np.repeat(cmask[-1:], batch_size - n, 0)])
+        outs.append(np.asarray(fn(cid, cmask))[:n])
+    return np.concatenate(outs)
 
 
 class Clara:
@@ -175,17 +192,8 @@ class Clara:
     # -- compression and retrieval -------------------------------------------------------
 
     def _chunks(self, ids: np.ndarray, mask: np.ndarray, fn) -> np.ndarray:
-        """Runs fn over rows in fixed-size chunks (the last one padded) and concatenates."""
-        outs = []
-        bs = self.batch_size
-        for start in range(0, len(ids), bs):
-            cid, cmask = ids[start:start + bs], mask[start:start + bs]
-            n = len(cid)
-            if n < bs:
-                cid = np.concatenate([cid, np.repeat(cid[-1:], bs - n, 0)])
-                cmask = np.concatenate([cmask, np.repeat(cmask[-1:], bs - n, 0)])
-            outs.append(np.asarray(fn(jnp.asarray(cid), jnp.asarray(cmask)))[:n])
-        return np.concatenate(outs)
+        return map_in_padded_batches(lambda i, m: fn(jnp.asarray(i), jnp.asarray(m)), ids, mask,
+                                     self.batch_size)
 
     def _check_texts(self, texts: Sequence[str], what: str) -> None:
         if len(texts) == 0:
@@ -200,7 +208,7 @@ class Clara:
         self._check_texts(documents, "documents")
         ids, mask, _ = prompts.encode_documents(self.tokenizer, documents,
                                                 self.config.doc_max_length, self.config.n_mem)
-        fn = lambda i, m: _compress_jit(self.model, self.params, self.adapters["encoder"], i, m,
+        fn = lambda i, m: compress_jit(self.model, self.params, self.adapters["encoder"], i, m,
                                         self.config.n_mem)[0]
         return self._chunks(ids, mask, fn).astype(np.float32)
 

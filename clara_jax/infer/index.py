@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from clara_jax import parallel
 from clara_jax.clara import prompts
-from clara_jax.clara.compress import compress
+from clara_jax.clara.model import compress_jit, map_in_padded_batches
 from clara_jax.clara.retrieval import l2_normalize
 from clara_jax.model.mistral import logical_axes
 
@@ -168,11 +168,6 @@ def _differences(meta: dict, expected: dict) -> list[str]:
 
 # -- building ------------------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("model", "n_mem"))
-def _compress_states(model, base, adapter, ids, mask, n_mem):
-    return compress(model, base, adapter, ids, mask, n_mem)[0].astype(jnp.float32)
-
-
 def default_mesh() -> Mesh:
     """All local devices on the batch (data) axis."""
     return parallel.make_mesh([-1, 1, 1], jax.local_devices())
@@ -198,19 +193,14 @@ def compress_texts(model, texts: Sequence[str], *, batch_size: int, mesh: Mesh,
     base, enc = placed or _placed_params(model, mesh)
     ids, mask, n_cut = prompts.encode_documents(model.tokenizer, list(texts), cfg.doc_max_length,
                                                 cfg.n_mem)
-    out = np.empty((len(texts), cfg.n_mem, model.model_config.hidden_size), np.float32)
     sharding = parallel.batch_sharding(mesh, 2)
-    for start in range(0, len(texts), bs):
-        cid, cmask = ids[start:start + bs], mask[start:start + bs]
-        n = len(cid)
-        if n < bs:
-            cid = np.concatenate([cid, np.repeat(cid[-1:], bs - n, 0)])
-            cmask = np.concatenate([cmask, np.repeat(cmask[-1:], bs - n, 0)])
+
+    def states(cid: np.ndarray, cmask: np.ndarray) -> jax.Array:
         with mesh, parallel.axis_rules():
-            states = _compress_states(model.model, base, enc, jax.device_put(cid, sharding),
-                                      jax.device_put(cmask, sharding), cfg.n_mem)
-        out[start:start + n] = np.asarray(states)[:n]
-    return out, n_cut
+            return compress_jit(model.model, base, enc, jax.device_put(cid, sharding),
+                                jax.device_put(cmask, sharding), cfg.n_mem)[0]
+
+    return map_in_padded_batches(states, ids, mask, bs).astype(np.float32), n_cut
 
 
 def build_index(model, docs: str | Sequence, out_dir: str, *, batch_size: int = 64,

@@ -415,7 +415,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
             data_it.set_state(data_state)
         first_step = int(state.step)
         print(f"resumed from {ckpt.directory} at step {first_step}")
-    candidates = None  # stage 3 against cached compressed candidates (train/candidate_cache.py)
+    # Stage 3 against cached compressed candidates (train/candidate_cache.py).
+    candidates = train_rows = eval_rows = None
     if c.stage == "end_to_end" and c.end_to_end.cache_candidates:
         from clara_jax.clara.model import Clara
         from clara_jax.train import candidate_cache
@@ -437,6 +438,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     truncation = {"epoch": -1, "truncated_docs": 0, "truncated_prompts": 0}
     last: dict[str, Any] = {}
     t_last, steps_since, tokens_since, flops_since = time.time(), 0, 0, 0.0
+    step_flops = None
     progress = _progress(first_step, c.total_steps)
     try:
         with mesh, parallel.axis_rules():
@@ -445,18 +447,16 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                 epoch = step * c.batch_size // max(n_train, 1)
                 if epoch != truncation["epoch"]:
                     truncation.update(epoch=epoch, truncated_docs=0, truncated_prompts=0)
-                truncation["truncated_docs"] += int(np.sum(batch.pop("truncated_docs", 0)))
-                truncation["truncated_prompts"] += int(np.sum(batch.pop("truncated_prompt", 0)))
-                # Recall metrics read pos_mask; only retrieval pretraining's loss does.
-                pos_mask = (batch.get("pos_mask") if c.stage == "retrieval_pretrain"
-                            else batch.pop("pos_mask", None))
-                if candidates is not None:
-                    batch = candidates.swap_in(batch, train_rows)
-                batch.pop("index", None)
+                batch, extras = split_batch(batch, c.stage, candidates, train_rows)
+                pos_mask = extras["pos_mask"]
+                truncation["truncated_docs"] += int(np.sum(extras["truncated_docs"]))
+                truncation["truncated_prompts"] += int(np.sum(extras["truncated_prompt"]))
                 tokens_since += int(sum(np.sum(batch[k]) for k in batch
                                         if k.endswith("mask") and k != "pos_mask")
                                     if not base_lm else batch["ids"].size)
-                flops_since += _model_flops(model_cfg, batch, c.stage)
+                if step_flops is None:  # batch shapes are static: the same every step
+                    step_flops = _model_flops(model_cfg, batch, c.stage)
+                flops_since += step_flops
                 state, metrics = train_step(state, _local_batch_to_global(batch, batch_sharding,
                                                                           candidates))
                 steps_since += 1
@@ -487,8 +487,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                     _nonfinite(c, ckpt, done)
                 if eval_ds is not None and (done % c.eval_every == 0 or done == c.total_steps):
                     ev = evaluate_loss(eval_step, state, eval_ds, c.eval_batches, batch_sharding,
-                                       candidates and (candidates, eval_rows),
-                                       keep_pos_mask=c.stage == "retrieval_pretrain")
+                                       c.stage, candidates, eval_rows)
                     ev["step"] = done
                     _log(writer, ev, "eval")
                     last.update({f"eval_{k}": v for k, v in ev.items() if k != "step"})
@@ -517,24 +516,33 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     return summary
 
 
-def evaluate_loss(eval_step, state, eval_ds, max_batches: int, batch_sharding,
-                  candidates=None, keep_pos_mask: bool = False) -> dict:
+def split_batch(batch: dict, stage: str, candidates=None, record_rows=None
+                ) -> tuple[dict, dict]:
+    """A pipeline batch -> (what the step reads, host-side extras). Extras: the truncation
+    counts and `pos_mask` (for recall metrics). Only retrieval pretraining's loss reads
+    `pos_mask` itself; with the stage-3 candidate cache, candidate ids become `doc_index`."""
+    batch = dict(batch)
+    extras = {key: batch.pop(key, 0) for key in ("truncated_docs", "truncated_prompt")}
+    extras["pos_mask"] = (batch.get("pos_mask") if stage == "retrieval_pretrain"
+                          else batch.pop("pos_mask", None))
+    if candidates is not None:
+        batch = candidates.swap_in(batch, record_rows)
+    batch.pop("index", None)
+    return batch, extras
+
+
+def evaluate_loss(eval_step, state, eval_ds, max_batches: int, batch_sharding, stage: str,
+                  candidates=None, record_rows=None) -> dict:
     """Mean of the eval metrics (scalars) over up to max_batches held-out batches.
-    candidates: (CandidateCache, record rows [R, N]) in stage 3 with the cache, else None.
-    keep_pos_mask: the loss reads `pos_mask` (retrieval pretraining)."""
+    candidates, record_rows: the stage-3 candidate cache and the eval records' rows in it."""
     sums: dict[str, float] = {}
     n = 0
     for batch in eval_ds:
         if n >= max_batches:
             break
-        if candidates:
-            batch = candidates[0].swap_in(batch, candidates[1])
-        for key in ("truncated_docs", "truncated_prompt", "index"):
-            batch.pop(key, None)
-        if not keep_pos_mask:
-            batch.pop("pos_mask", None)
+        batch, _ = split_batch(batch, stage, candidates, record_rows)
         m = jax.device_get(eval_step(state, _local_batch_to_global(
-            batch, batch_sharding, candidates[0] if candidates else None)))
+            batch, batch_sharding, candidates)))
         for k, v in m.items():
             if np.ndim(v) == 0:
                 sums[k] = sums.get(k, 0.0) + float(v)
