@@ -1,6 +1,7 @@
 """Ahead-of-time compilation of a stage's real training step (or the decode step) for a TPU
 topology, from any host (this CPU is enough): per-device memory against the chip's HBM, FLOPs
 and bytes, the collectives in the program, an estimated step time and MFU, before a pod runs.
+`--topology=local` compiles for this process's own devices instead (what `train` would run).
 
     python -m clara_jax.aot --config=configs/stage1_pretrain.py:model=mistral_7b \
         --topology=v5e:16x16 [--config.mesh.data=1 --config.mesh.fsdp=-1] \
@@ -20,12 +21,21 @@ HBM bandwidth), per device; it ignores communication and overlap, so it is a low
 MFU = model FLOPs per device (`train._model_flops`: 3 x forward matmul FLOPs from token
 counts) / peak / estimated time. Collective counts are static instruction counts in the
 optimised HLO (an op inside the scanned layer loop counts once).
+
+Serialised steps (as MaxText does): `--serialize=PATH` writes the compiled executable with a
+fingerprint of what it was compiled for (backend platform, device count, mesh, jax version,
+the step-relevant config fields, the model config, and every state / batch leaf's shape,
+dtype and PartitionSpec). `python -m clara_jax.train --config.compiled_step=PATH` then runs
+that executable instead of compiling, after refusing (naming the file and every differing
+field) one that does not match the run. An executable runs only on the backend it was
+compiled for: serialise with `--topology=local` on the machine type that trains.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.metadata
 import math
 import os
 import pickle
@@ -69,8 +79,7 @@ CHIPS = {
 }
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-# Features the loader emits for metrics only; the train loop pops them before the step.
-NON_STEP_FEATURES = ("index", "truncated_docs", "truncated_prompt", "pos_mask")
+LOCAL = "local"   # --topology=local: this process's devices
 
 
 def parse_topology(topology: str) -> tuple[Chip, tuple[int, ...]]:
@@ -123,6 +132,17 @@ def topology_devices(topology: str) -> tuple[list, Chip]:
     return devices, chip
 
 
+def local_devices(peak_flops: float = 0.0) -> tuple[list, Chip]:
+    """This process's devices (`jax.devices()`, what `train` runs on) and a Chip describing
+    them: memory per device from the backend (`bytes_limit`), or host RAM / device count
+    where it reports none (CPU); `peak_flops` per device if known (0: no roofline)."""
+    devices = jax.devices()
+    stats = devices[0].memory_stats() or {}
+    memory = stats.get("bytes_limit") or (
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / len(devices))
+    return devices, Chip(devices[0].device_kind, memory / GiB, float(peak_flops), 0.0)
+
+
 # -- abstract inputs ----------------------------------------------------------------------
 
 def _with_sharding(abstract: Any, sharding: Any) -> Any:
@@ -169,6 +189,7 @@ class Program:
     model_flops: float       # global model FLOPs of one call
     model_cfg: Any
     description: dict
+    fingerprint: dict = dataclasses.field(default_factory=dict)   # `step_fingerprint`
 
 
 def build_program(c: ml_collections.ConfigDict, devices: Sequence[Any], decode: bool = False,
@@ -220,8 +241,8 @@ def build_program(c: ml_collections.ConfigDict, devices: Sequence[Any], decode: 
     else:
         spec = train_lib.feature_spec(c, cfg.n_mem, c.generation_top_k)
         from clara_jax.data.pipeline import feature_shapes
-        shapes = {k: v for k, v in feature_shapes(spec, c.batch_size).items()
-                  if k not in NON_STEP_FEATURES}
+        # What the step reads, as the train loop splits it (metrics-only features dropped).
+        shapes, _ = train_lib.split_batch(feature_shapes(spec, c.batch_size), c.stage)
     batch = {k: jax.ShapeDtypeStruct(s, jnp.int32, sharding=batch_sharding(len(s)))
              for k, s in shapes.items()}
     b_sharding = {k: v.sharding for k, v in batch.items()}
@@ -230,10 +251,12 @@ def build_program(c: ml_collections.ConfigDict, devices: Sequence[Any], decode: 
         # The step compresses its candidates itself (end_to_end.cache_candidates=False); the
         # cached variant reads a corpus-sized table instead and needs less compute.
         description["candidates"] = "compressed in the step"
-    return Program(setup.train_step, (_with_sharding(state, s_sharding), batch),
+    state = _with_sharding(state, s_sharding)
+    return Program(setup.train_step, (state, batch),
                    (s_sharding, b_sharding), (s_sharding, NamedSharding(mesh, PartitionSpec())),
                    (0,), mesh, train_lib._model_flops(model_cfg, batch, c.stage), model_cfg,
-                   description)
+                   description, step_fingerprint(c, model_cfg, mesh, "train", state=state,
+                                                 batch=batch))
 
 
 def _decode_program(c, model, params, adapters, setup, mesh, description) -> Program:
@@ -262,10 +285,11 @@ def _decode_program(c, model, params, adapters, setup, mesh, description) -> Pro
     # One token attending to `length` cached keys: 2 x MACs of the dense layers and lm_head,
     # plus 4 * heads * head_dim * length per layer for QK^T and PV (= flops_per_token(2 L)).
     flops = batch * cfg.flops_per_token(2 * length)
-    return Program(step, (_with_sharding(variables, v_sharding), token, position,
-                          _with_sharding(cache, c_sharding)),
-                   (v_sharding, row, row, c_sharding), (logits_sharding, c_sharding), (3,),
-                   mesh, flops, cfg, description)
+    args = (_with_sharding(variables, v_sharding), token, position,
+            _with_sharding(cache, c_sharding))
+    return Program(step, args, (v_sharding, row, row, c_sharding),
+                   (logits_sharding, c_sharding), (3,), mesh, flops, cfg, description,
+                   step_fingerprint(c, cfg, mesh, "decode", inputs=args))
 
 
 # -- compile and analyse ----------------------------------------------------------------
@@ -337,9 +361,11 @@ def analyse(compiled, program: Program, chip: Chip, hbm_gib: float | None = None
                              + memory["generated_code_bytes"])
     xla_flops, xla_bytes = _cost(compiled)
     flops, bytes_accessed = layer_cost or (xla_flops, xla_bytes)
-    compute_s = flops / chip.peak_flops
-    memory_s = bytes_accessed / chip.hbm_bandwidth
-    step_s = max(compute_s, memory_s)
+    # A local backend of unknown peak / bandwidth (0) has no roofline: those fields are None.
+    roofline = chip.peak_flops > 0 and chip.hbm_bandwidth > 0
+    compute_s = flops / chip.peak_flops if roofline else None
+    memory_s = bytes_accessed / chip.hbm_bandwidth if roofline else None
+    step_s = max(compute_s, memory_s) if roofline else None
     report.update(
         memory=memory, fits=memory["total_bytes"] <= hbm,
         hbm_fraction=memory["total_bytes"] / hbm,
@@ -349,12 +375,13 @@ def analyse(compiled, program: Program, chip: Chip, hbm_gib: float | None = None
         # XLA counted the scanned layer loop's body once: time and MFU are then not meaningful.
         cost_counts_layer_loop_once=(layer_cost is None and program.model_cfg.scan_layers
                                      and program.model_cfg.num_layers > 1),
-        model_compute_seconds=report["model_flops_per_device"] / chip.peak_flops,
+        model_compute_seconds=report["model_flops_per_device"] / chip.peak_flops
+        if roofline else None,
         collectives=count_collectives(compiled.as_text()),
         estimated_step_seconds=step_s, compute_seconds=compute_s, memory_seconds=memory_s,
-        bound="compute" if compute_s >= memory_s else "memory",
-        estimated_mfu=report["model_flops_per_device"] / chip.peak_flops / step_s
-        if step_s > 0 else 0.0)
+        bound=("compute" if compute_s >= memory_s else "memory") if roofline else None,
+        estimated_mfu=(report["model_flops_per_device"] / chip.peak_flops / step_s
+                       if step_s > 0 else 0.0) if roofline else None)
     return report
 
 
@@ -392,16 +419,22 @@ def scan_corrected_cost(c: ml_collections.ConfigDict, devices: Sequence[Any], de
 
 
 def compile_report(c: ml_collections.ConfigDict, topology: str, *, decode: bool = False,
-                   hbm_gib: float | None = None, correct_scan_cost: bool = True
-                   ) -> tuple[dict, Any]:
-    """Compiles the run `c` (train step, or decode step) for `topology` (e.g. "v5e:16x16");
-    returns (report dict, compiled executable or None when it does not fit).
+                   hbm_gib: float | None = None, correct_scan_cost: bool = True,
+                   serialize_to: str | None = None) -> tuple[dict, Any]:
+    """Compiles the run `c` (train step, or decode step) for `topology` (e.g. "v5e:16x16",
+    or "local": this process's devices, as `train` would); returns (report dict, compiled
+    executable or None when it does not fit).
 
     `correct_scan_cost`: one extra 2-layer compile to count every scanned layer's FLOPs and
     bytes (see `scan_corrected_cost`); without it the roofline uses XLA's raw numbers.
+    `serialize_to`: also write the executable and its fingerprint there (see `serialize`).
     """
-    devices, chip = topology_devices(topology)
+    if topology == LOCAL:
+        devices, chip = local_devices(c.get("peak_flops", 0.0))
+    else:
+        devices, chip = topology_devices(topology)
     program = build_program(c, devices, decode=decode)
+    program.fingerprint["topology"] = topology
     start = time.time()
     try:
         compiled, seconds = lower_and_compile(program)
@@ -419,6 +452,9 @@ def compile_report(c: ml_collections.ConfigDict, topology: str, *, decode: bool 
     report = analyse(compiled, program, chip, hbm_gib, layer_cost)
     report.update(topology=topology, compile_seconds=seconds,
                   total_seconds=time.time() - start)
+    if serialize_to:
+        serialize(compiled, serialize_to, program.fingerprint)
+        report.update(executable=serialize_to, executable_bytes=os.path.getsize(serialize_to))
     return report, compiled
 
 
@@ -433,7 +469,8 @@ def format_report(r: dict) -> str:
     lines = [
         f"{r['mode']} step of stage {r['stage']} ({r['model']}, {size} "
         f"parameters, {r['param_dtype']} params / {r['dtype']} compute) on {r['topology']} "
-        f"({r['devices']} x TPU {r['chip']}), mesh {mesh}",
+        f"({r['devices']} x {r['chip'] if r['topology'] == LOCAL else 'TPU ' + r['chip']}), "
+        f"mesh {mesh}",
         f"  global batch {r['batch_size']}, max_len {r['max_len']}; remat_policy "
         f"{r['remat_policy']}, scan_layers {r['scan_layers']}, attention_impl "
         f"{r['attention_impl']}; compiled in {r['compile_seconds']:.1f} s "
@@ -449,7 +486,8 @@ def format_report(r: dict) -> str:
         "  memory per device: arguments {}, outputs {}, aliased {}, temps {}, generated code "
         "{}".format(g(m["argument_bytes"]), g(m["output_bytes"]), g(m["alias_bytes"]),
                     g(m["temp_bytes"]), g(m["generated_code_bytes"])),
-        f"  total {g(m['total_bytes'])} of {g(r['hbm_bytes'])} HBM "
+        f"  total {g(m['total_bytes'])} of {g(r['hbm_bytes'])} "
+        f"{'device memory' if r['topology'] == LOCAL else 'HBM'} "
         f"({100 * r['hbm_fraction']:.0f}%): {verdict}",
         f"  per device: {r['flops_per_device'] / 1e12:.3f} TFLOP, "
         f"{r['bytes_accessed_per_device'] / 1e9:.2f} GB accessed ("
@@ -458,9 +496,13 @@ def format_report(r: dict) -> str:
         f"{r['xla_bytes_accessed_per_device'] / 1e9:.2f} GB); model "
         f"{r['model_flops_per_device'] / 1e12:.3f} TFLOP",
         "  collectives: " + ", ".join(f"{k} {v}" for k, v in r["collectives"].items()),
-        f"  model FLOPs at the chip's peak: {1e3 * r['model_compute_seconds']:.1f} ms "
-        f"per step (100% MFU)",
     ]
+    if r["estimated_step_seconds"] is None:
+        lines.append("  (no roofline time or MFU: this backend's peak FLOP/s and memory "
+                     "bandwidth are unknown)")
+        return "\n".join(lines)
+    lines.append(f"  model FLOPs at the chip's peak: {1e3 * r['model_compute_seconds']:.1f} ms "
+                 f"per step (100% MFU)")
     if r["cost_counts_layer_loop_once"]:
         lines.append("  (XLA counted the scanned layer loop once, so no roofline time or MFU "
                      "here; rerun with --correct_scan_cost)")
@@ -475,24 +517,188 @@ def format_report(r: dict) -> str:
 
 # -- serialised executables ---------------------------------------------------------------
 
-def serialize(compiled, path: str) -> None:
-    """Writes the compiled executable (`jax.experimental.serialize_executable`) and its
-    argument / result tree structures to `path` (a pickle), as MaxText does."""
+FINGERPRINT_FORMAT = 1
+# Config fields a compiled train step does not depend on: bookkeeping, data files, the start
+# checkpoint (its shapes are in the state's signature) and the seed (the PRNG key is an input).
+FINGERPRINT_IGNORED = ("seed", "init_from", "compiled_step", "log_every", "eval_every",
+                       "eval_batches", "checkpoint_every", "keep_checkpoints", "on_nonfinite",
+                       "peak_flops", "data")
+
+
+def config_fields(c: ml_collections.ConfigDict) -> dict[str, Any]:
+    """{dotted field name: value} of the config, without `FINGERPRINT_IGNORED` (subtrees
+    included): everything the compiled step bakes in (stage, model, shapes, optimizer and
+    schedule, loss weights, mesh, execution settings)."""
+    out = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for key, value in d.items():
+            name = prefix + key
+            if name in FINGERPRINT_IGNORED:
+                continue
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            else:
+                out[name] = value
+
+    walk(c.to_dict(), "")
+    return out
+
+
+def signature(tree: Any) -> dict[str, str]:
+    """{key path: "dtype[shape] PartitionSpec"} of a tree of arrays or ShapeDtypeStructs
+    (e.g. {".trainable['encoder']...": "float32[4, 128, 16] P(None, 'fsdp', None)"})."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+
+    def spec(x):
+        sharding = getattr(x, "sharding", None)
+        return str(getattr(sharding, "spec", sharding))
+
+    return {jax.tree_util.keystr(path): f"{x.dtype}{list(x.shape)} {spec(x)}"
+            for path, x in leaves}
+
+
+def step_fingerprint(c: ml_collections.ConfigDict, model_cfg, mesh, mode: str,
+                     **trees) -> dict:
+    """What a step is compiled for: backend platform, device kind and count, mesh, jax
+    version, `config_fields(c)`, the model config, and the `signature` of each argument tree
+    (train: `state` and `batch`, sharded as the step takes them)."""
+    device = mesh.devices.flat[0]
+    return {"format": FINGERPRINT_FORMAT, "mode": mode, "topology": None,  # compile_report's
+            "platform": device.platform, "device_kind": device.device_kind,
+            "device_count": int(mesh.devices.size), "mesh": dict(mesh.shape),
+            "jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib"),
+            "config": config_fields(c), "model_config": dataclasses.asdict(model_cfg),
+            **{name: signature(tree) for name, tree in trees.items()}}
+
+
+def fingerprint_mismatches(compiled: dict, run: dict, groups: Sequence[str] = (
+        "mode", "platform", "device_kind", "device_count", "mesh", "jax", "jaxlib", "config",
+        "model_config", "state")) -> list[str]:
+    """Lines "field: compiled X, this run Y" for every difference in `groups` between a
+    stored fingerprint and this run's; dict groups are compared field by field."""
+    absent = "<absent>"
+    out = []
+    for group in groups:
+        a, b = compiled.get(group, absent), run.get(group, absent)
+        if isinstance(a, dict) and isinstance(b, dict) and group != "mesh":
+            # Argument trees' keys are key paths ("['doc_ids']") and values signature
+            # strings (shown as they are); config keys are names, values shown as repr.
+            tree = group in ("state", "batch", "inputs")
+            prefix = group if tree else group + "."
+            show = str if tree else repr
+            for key in list(a) + [k for k in b if k not in a]:
+                x, y = a.get(key, absent), b.get(key, absent)
+                if x != y:
+                    out.append(f"{prefix}{key}: compiled {show(x)}, this run {show(y)}")
+        elif a != b:
+            line = f"{group}: compiled {a!r}, this run {b!r}"
+            if group == "platform":
+                line += (f": an executable compiled for {a} cannot run on {b}; compile one for "
+                         f"this backend where it trains: python -m clara_jax.aot --config=... "
+                         f"--topology=local --serialize=PATH")
+            out.append(line)
+    return out
+
+
+def _refuse(path: str, stored: dict, problems: list[str], limit: int = 20) -> None:
+    where = f"{stored.get('device_count')} x {stored.get('device_kind')}"
+    if stored.get("topology"):
+        where = f"{stored['topology']}: {where}"
+    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+    raise ValueError(f"config.compiled_step: {path} (compiled for {where}) does not match "
+                     f"this run; {len(problems)} difference(s):\n  "
+                     + "\n  ".join(problems[:limit]) + more)
+
+
+def serialize(compiled, path: str, fingerprint: dict) -> None:
+    """Writes the compiled executable (`jax.experimental.serialize_executable`), its argument
+    / result tree structures and its `fingerprint` to `path` (a pickle), as MaxText does."""
     from jax.experimental import serialize_executable
     payload, in_tree, out_tree = serialize_executable.serialize(compiled)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
-        pickle.dump((payload, in_tree, out_tree), f)
+        pickle.dump({"format": FINGERPRINT_FORMAT, "fingerprint": fingerprint,
+                     "payload": payload, "in_tree": in_tree, "out_tree": out_tree}, f)
+
+
+def _read(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ValueError(f"config.compiled_step: {path} does not exist")
+    with open(path, "rb") as f:
+        stored = pickle.load(f)
+    if not isinstance(stored, dict) or stored.get("format") != FINGERPRINT_FORMAT:
+        raise ValueError(f"config.compiled_step: {path} is not an executable serialised by "
+                         f"this clara_jax.aot (no fingerprint of format {FINGERPRINT_FORMAT}); "
+                         f"serialise it again with python -m clara_jax.aot --serialize={path}")
+    return stored
+
+
+def read_fingerprint(path: str) -> dict:
+    """The fingerprint stored with a serialised executable (ValueError naming the file)."""
+    return _read(path)["fingerprint"]
+
+
+def check_compiled_step_config(path: str, c: ml_collections.ConfigDict) -> None:
+    """Refuses (ValueError naming `path` and each differing field) a serialised executable
+    that is not a train step or was compiled from other step-relevant config fields."""
+    stored = read_fingerprint(path)
+    problems = fingerprint_mismatches(stored, {"mode": "train", "config": config_fields(c)},
+                                      groups=("mode", "config"))
+    if problems:
+        _refuse(path, stored, problems)
 
 
 def load_compiled(path: str):
     """The executable written by `serialize`, loaded on this process's backend (the same
-    topology and jax / libtpu versions it was compiled for). Call it like the jitted step:
-    `state, metrics = step(state, batch)` with arrays sharded exactly as compiled."""
+    topology and jax / libtpu versions it was compiled for; unchecked: see `load_train_step`).
+    Call it like the jitted step: `state, metrics = step(state, batch)` with arrays sharded
+    exactly as compiled."""
     from jax.experimental import serialize_executable
-    with open(path, "rb") as f:
-        payload, in_tree, out_tree = pickle.load(f)
-    return serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
+    stored = _read(path)
+    return serialize_executable.deserialize_and_load(stored["payload"], stored["in_tree"],
+                                                     stored["out_tree"])
+
+
+class CompiledTrainStep:
+    """A deserialised train step: `state, metrics = step(state, batch)`. `place(state)` puts
+    a state on the shardings it was compiled for; a batch whose features, shapes, dtypes or
+    shardings differ from the compiled ones is refused (ValueError naming the file)."""
+
+    def __init__(self, path: str, compiled, batch_signature: dict[str, str]):
+        self.path, self.compiled, self.batch_signature = path, compiled, batch_signature
+        self.state_shardings = compiled.input_shardings[0][0]
+
+    def place(self, state):
+        return jax.device_put(state, self.state_shardings)
+
+    def __call__(self, state, batch):
+        run = signature(batch)
+        if run != self.batch_signature:
+            problems = fingerprint_mismatches({"batch": self.batch_signature}, {"batch": run},
+                                              groups=("batch",))
+            raise ValueError(f"config.compiled_step: {self.path} was compiled for another "
+                             f"batch: " + "; ".join(problems))
+        return self.compiled(state, batch)
+
+
+def load_train_step(path: str, c: ml_collections.ConfigDict, model_cfg, mesh, state,
+                    shardings) -> CompiledTrainStep:
+    """The train step serialised at `path`, loaded for this run after checking its
+    fingerprint against the run's (config `c`, `model_cfg`, `mesh`, the `state` (arrays or
+    abstract) placed on `shardings`, i.e. `state_sharding(state, setup, mesh)`): ValueError
+    naming the file and every difference (a platform mismatch says that the executable
+    cannot run here) before anything is deserialised."""
+    from jax.experimental import serialize_executable
+    stored = _read(path)
+    run = step_fingerprint(c, model_cfg, mesh, "train",
+                           state=_with_sharding(state, shardings))
+    problems = fingerprint_mismatches(stored["fingerprint"], run)
+    if problems:
+        _refuse(path, stored["fingerprint"], problems)
+    compiled = serialize_executable.deserialize_and_load(
+        stored["payload"], stored["in_tree"], stored["out_tree"])
+    return CompiledTrainStep(path, compiled, stored["fingerprint"]["batch"])
 
 
 # -- command line -------------------------------------------------------------------------
@@ -506,37 +712,41 @@ def _cli() -> None:
     config_flags.DEFINE_config_file("config", None, "Stage config file (configs/*.py[:arg]).",
                                     lock_config=True)
     flags.DEFINE_string("topology", None, "Target TPU topology: v4:AxBxC, v5e:AxB, v5p:AxBxC, "
-                        "v6e:AxB (chips per dimension), e.g. v5e:16x16 = v5e-256.")
+                        "v6e:AxB (chips per dimension), e.g. v5e:16x16 = v5e-256; or 'local': "
+                        "this process's devices, as `python -m clara_jax.train` would run.")
     flags.DEFINE_bool("decode", False, "Compile the one-token KV-cache decode step (batch "
                       "config.batch_size, cache of config.max_len tokens) instead of training.")
     flags.DEFINE_float("hbm_gib", None, "Override the chip's HBM (GiB) for the fit verdict.")
     flags.DEFINE_string("report_json", None, "Also write the report as JSON here.")
-    flags.DEFINE_string("serialize", None, "Write the compiled executable here (pickle of "
-                        "jax.experimental.serialize_executable.serialize); see load_compiled.")
+    flags.DEFINE_string("serialize", None, "Write the compiled executable and its fingerprint "
+                        "here, for `python -m clara_jax.train --config.compiled_step=PATH`.")
     flags.DEFINE_bool("correct_scan_cost", True, "One more (2-layer, unrolled) compile so "
                       "FLOPs and bytes count every scanned layer (XLA counts a loop body once).")
     flags.mark_flags_as_required(["config", "topology"])
     FLAGS = flags.FLAGS
 
-    # The host's own backend stays CPU: compiling for a topology needs no local TPU (and
-    # must not grab one a trainer on this machine is using).
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
     def main(argv):
         del argv
         from absl import logging
         logging.set_verbosity(logging.WARNING)
+        if FLAGS.topology != LOCAL and jax.config.jax_platforms is None:
+            # The host's own backend stays CPU: compiling for a topology needs no local TPU
+            # (and must not grab one a trainer on this machine is using).
+            jax.config.update("jax_platforms", "cpu")
         report, compiled = compile_report(FLAGS.config, FLAGS.topology, decode=FLAGS.decode,
                                           hbm_gib=FLAGS.hbm_gib,
-                                          correct_scan_cost=FLAGS.correct_scan_cost)
+                                          correct_scan_cost=FLAGS.correct_scan_cost,
+                                          serialize_to=FLAGS.serialize)
         print(format_report(report))
         if FLAGS.report_json:
             with open(FLAGS.report_json, "w") as f:
                 json.dump(report, f, indent=2)
             print(f"report: {FLAGS.report_json}")
-        if FLAGS.serialize and compiled is not None:
-            serialize(compiled, FLAGS.serialize)
-            print(f"executable: {FLAGS.serialize} ({os.path.getsize(FLAGS.serialize)} bytes)")
+        if "executable" in report:
+            use = (f"; train with --config.compiled_step={report['executable']}"
+                   if report["mode"] == "train" else "")
+            print(f"executable: {report['executable']} ({report['executable_bytes']} bytes)"
+                  + use)
 
     app.run(main)
 

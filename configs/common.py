@@ -47,6 +47,7 @@ def base_config(stage: str, model: str) -> ml_collections.ConfigDict:
     c.checkpoint_every = 100 if tiny else 1000
     c.keep_checkpoints = 2
     c.peak_flops = 0.0         # peak FLOP/s per device (e.g. 197e12 v5e bf16); > 0 adds `mfu`
+    c.compiled_step = ""       # a train step serialised by `python -m clara_jax.aot --serialize`
 
     c.doc_max_length = 64 if tiny else 256
     c.compress_rate = 4 if tiny else 32

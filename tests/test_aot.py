@@ -89,6 +89,19 @@ def test_build_program_uses_config_overrides_and_validates():
         aot.build_program(config("stage1_pretrain.py", remat_policy="some"), devices)
 
 
+def test_program_batch_is_what_the_train_loop_feeds_the_step():
+    """The batch features are the pipeline's after `train.split_batch`: retrieval
+    pretraining keeps `pos_mask` (its loss reads it), and its step traces on that batch."""
+    from clara_jax import parallel
+    program = aot.build_program(config("retrieval_pretrain.py", batch_size=8, max_len=128),
+                                jax.devices())
+    state, batch = program.args
+    assert batch["pos_mask"].shape == (8, 20) and "index" not in batch
+    with program.mesh, parallel.axis_rules():
+        _, metrics = jax.eval_shape(program.fn, state, batch)
+    assert metrics["loss"].shape == ()
+
+
 @needs_libtpu
 @pytest.mark.slow
 def test_stage1_tiny_compiles_for_v5e_2x2(tmp_path):
@@ -111,10 +124,13 @@ def test_stage1_tiny_compiles_for_v5e_2x2(tmp_path):
     assert report["estimated_step_seconds"] > 0 and 0 < report["estimated_mfu"] < 1
     assert "FITS" in aot.format_report(report)
     path = tmp_path / "step.pkl"
-    aot.serialize(compiled, str(path))
-    payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-    assert len(payload) > 1000
-    assert in_tree == jax.tree_util.tree_structure((program.args, {}))
+    aot.serialize(compiled, str(path), program.fingerprint)
+    stored = pickle.loads(path.read_bytes())
+    assert len(stored["payload"]) > 1000
+    assert stored["in_tree"] == jax.tree_util.tree_structure((program.args, {}))
+    fingerprint = stored["fingerprint"]
+    assert (fingerprint["platform"], fingerprint["device_count"]) == ("tpu", 4)
+    assert fingerprint["config"]["batch_size"] == c.batch_size
 
 
 @needs_libtpu

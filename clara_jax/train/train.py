@@ -90,6 +90,12 @@ def validate_config(c: ml_collections.ConfigDict, n_devices: int | None = None) 
         if jax.process_count() > 1:
             bad("end_to_end.cache_candidates", f"building the candidate cache on "
                 f"{jax.process_count()} processes is not implemented; set it to False")
+    if c.get("compiled_step"):
+        if c.stage == "end_to_end" and c.end_to_end.cache_candidates:
+            bad("compiled_step", "a serialised step compresses its candidates itself; set "
+                "end_to_end.cache_candidates=False")
+        from clara_jax import aot
+        aot.check_compiled_step_config(c.compiled_step, c)  # names the file and each field
 
 
 def clara_config(c: ml_collections.ConfigDict, first_mem_token_id: int) -> ClaraConfig:
@@ -415,6 +421,11 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
             data_it.set_state(data_state)
         first_step = int(state.step)
         print(f"resumed from {ckpt.directory} at step {first_step}")
+    if c.get("compiled_step"):   # run the serialised executable instead of compiling
+        from clara_jax import aot
+        train_step = aot.load_train_step(c.compiled_step, c, model_cfg, mesh, state,
+                                         aot.state_sharding(state, setup, mesh))
+        state = train_step.place(state)
     # Stage 3 against cached compressed candidates (train/candidate_cache.py).
     candidates = train_rows = eval_rows = None
     if c.stage == "end_to_end" and c.end_to_end.cache_candidates:
