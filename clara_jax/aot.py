@@ -224,7 +224,8 @@ def build_program(c: ml_collections.ConfigDict, devices: Sequence[Any], decode: 
                    "mesh": dict(mesh.shape), "num_params": model_cfg.num_params,
                    "vocab_size": model_cfg.vocab_size,
                    **{f: getattr(model_cfg, f) for f in train_lib.EXECUTION_FIELDS},
-                   "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype}
+                   "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype,
+                   "sharding_notes": list(setup.sharding_notes)}
     if decode:
         return _decode_program(c, model, params, adapters, setup, mesh, description)
 
@@ -237,7 +238,7 @@ def build_program(c: ml_collections.ConfigDict, devices: Sequence[Any], decode: 
     state = jax.eval_shape(make_state, params, adapters)
     s_sharding = state_sharding(state, setup, mesh)
     if base_lm:
-        shapes = {"ids": (c.batch_size, c.max_len)}
+        shapes = {"ids": (c.batch_size, c.max_len), "labels": (c.batch_size, c.max_len)}
     else:
         spec = train_lib.feature_spec(c, cfg.n_mem, c.generation_top_k)
         from clara_jax.data.pipeline import feature_shapes
@@ -270,13 +271,17 @@ def _decode_program(c, model, params, adapters, setup, mesh, description) -> Pro
         v_sharding["lora"] = setup.lora_sharding
     cache = jax.eval_shape(functools.partial(init_cache, cfg, batch, length))
     kv = ("layers", "batch", "length", "kv_heads", "head_dim")
-    c_sharding = parallel.logical_sharding(
+    c_sharding, notes = parallel.fit_shardings(parallel.logical_sharding(
         {"k": PartitionSpec(*kv), "v": PartitionSpec(*kv),
-         "valid": PartitionSpec("batch", "length"), "index": PartitionSpec()}, mesh)
+         "valid": PartitionSpec("batch", "length"), "index": PartitionSpec()}, mesh), cache)
     row = parallel.batch_sharding(mesh, 1)
     token = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=row)
     position = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=row)
-    logits_sharding = parallel.logical_sharding(PartitionSpec("batch", "vocab"), mesh)
+    logits_sharding, logit_notes = parallel.fit_shardings(
+        parallel.logical_sharding(PartitionSpec("batch", "vocab"), mesh),
+        jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32))
+    description["sharding_notes"] += [f"cache{n}" for n in notes] + \
+        [f"logits: {n.split(': ', 1)[1]}" for n in logit_notes]
 
     def step(variables, token, position, cache):
         return decode_step(model, variables, token, position, cache)
@@ -496,7 +501,7 @@ def format_report(r: dict) -> str:
         f"{r['xla_bytes_accessed_per_device'] / 1e9:.2f} GB); model "
         f"{r['model_flops_per_device'] / 1e12:.3f} TFLOP",
         "  collectives: " + ", ".join(f"{k} {v}" for k, v in r["collectives"].items()),
-    ]
+    ] + [f"  replicated: {n}" for n in r.get("sharding_notes", [])]
     if r["estimated_step_seconds"] is None:
         lines.append("  (no roofline time or MFU: this backend's peak FLOP/s and memory "
                      "bandwidth are unknown)")

@@ -90,6 +90,40 @@ def logical_sharding(logical_specs: Any, mesh: Mesh,
     return nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
 
 
+def fit_shardings(shardings: Any, shapes: Any) -> tuple[Any, list[str]]:
+    """Leaves out of each array's sharding the mesh axes that do not divide its dimension.
+
+    shardings: a tree of NamedShardings; shapes: the matching tree of arrays or
+    ShapeDtypeStructs. An array dimension of size n sharded over mesh axes (a, b) keeps a, then
+    b, only while their product divides n; the array is replicated over the axes it drops (for
+    example a CLaRa vocabulary of 32011 rows with `tensor` 4: CLaRa freezes the embedding, so
+    this costs memory, not optimizer state). Returns (fitted tree, one note per changed array,
+    naming its path, dimension and the axes dropped)."""
+    notes: list[str] = []
+
+    def fit(path, sharding, x):
+        spec = tuple(sharding.spec) + (None,) * (len(x.shape) - len(sharding.spec))
+        fitted = []
+        for dim, (n, axes) in enumerate(zip(x.shape, spec)):
+            names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            kept, size = [], 1
+            for a in names:
+                if n % (size * sharding.mesh.shape[a]) == 0:
+                    kept.append(a)
+                    size *= sharding.mesh.shape[a]
+            if len(kept) < len(names):
+                dropped = [a for a in names if a not in kept]
+                notes.append(f"{jax.tree_util.keystr(path)}: dimension {dim} of {tuple(x.shape)} "
+                             f"is not divisible by mesh axis "
+                             + ", ".join(f"{a}={sharding.mesh.shape[a]}" for a in dropped)
+                             + "; replicated over it")
+            fitted.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+        return NamedSharding(sharding.mesh, PartitionSpec(*fitted), memory_kind=sharding.memory_kind)
+
+    tree = jax.tree_util.tree_map_with_path(fit, shardings, shapes)
+    return tree, notes
+
+
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Sharding of a [B, ...] input batch: B over data (including dcn_data) x fsdp, the
     rest replicated."""

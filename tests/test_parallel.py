@@ -8,7 +8,7 @@ import pytest
 from clara_jax import parallel
 from clara_jax.model.config import preset
 from clara_jax.model.lora import LoraConfig
-from clara_jax.model.mistral import Mistral, init_params, logical_axes
+from clara_jax.model.mistral import Mistral, abstract_params, init_params, logical_axes
 
 
 def test_make_mesh_validates_shape():
@@ -24,6 +24,33 @@ def test_every_parameter_has_logical_axes():
     for spec in jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(
             x, jax.sharding.PartitionSpec)):
         assert isinstance(spec, jax.sharding.PartitionSpec) and len(spec) > 0
+
+
+def test_an_odd_vocabulary_is_replicated_over_tensor_and_the_logits_are_unchanged():
+    """CLaRa's resized vocabularies are odd (32011 at 7B): `fit_shardings` leaves `tensor` out
+    of the vocabulary dimension (named in a note) and keeps every other axis."""
+    cfg = preset("tiny", vocab_size=1035)
+    mesh = parallel.make_mesh((2, 2, 2))
+    shapes = abstract_params(cfg)["params"]
+    naive = parallel.logical_sharding(logical_axes(cfg)["params"], mesh)
+    fitted, notes = parallel.fit_shardings(naive, shapes)
+    assert sorted(n.split(":")[0] for n in notes) == ["['embed_tokens']['embedding']",
+                                                        "['lm_head']['kernel']"]
+    assert all("tensor=2" in n for n in notes)
+    assert fitted["embed_tokens"]["embedding"].spec == jax.sharding.PartitionSpec(None, "fsdp")
+    assert fitted["lm_head"]["kernel"].spec == jax.sharding.PartitionSpec("fsdp", None)
+    layer = jax.tree_util.tree_leaves(fitted["layers"])
+    assert layer == jax.tree_util.tree_leaves(naive["layers"])   # divisible: untouched
+    with pytest.raises(ValueError, match="divisible|evenly"):
+        jax.device_put(init_params(cfg, jax.random.key(0)), naive)
+    params = init_params(cfg, jax.random.key(0))
+    ids = jax.random.randint(jax.random.key(1), (4, 12), 0, cfg.vocab_size)
+    model = Mistral(cfg)
+    want = model.apply({"params": params}, ids).logits
+    with mesh, parallel.axis_rules():
+        got = jax.jit(lambda p, i: model.apply({"params": p}, i).logits)(
+            jax.device_put(params, fitted), ids)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)])

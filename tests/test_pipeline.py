@@ -170,7 +170,33 @@ def test_prompt_cut_before_its_answer_is_an_error_naming_the_record(tok):
 def test_pack_text_adds_bos_eos_once(tok):
     plain = "ana was born in zan"
     chat = prompts.mistral_chat("who", "where", "zan")  # "<s> [INST] ... zan</s>"
-    rows = pipeline.pack_text([plain, chat] * 40, tok, 16).reshape(-1)
     one = tok.encode(plain, add_bos=True, add_eos=True) + tok.encode(chat)
+    rows = pipeline.pack_text([plain, chat] * 40, tok, 64)
     assert tok.encode(chat)[0] == tok.bos_id and tok.encode(chat)[-1] == tok.eos_id
-    np.testing.assert_array_equal(rows[:len(one)], one)
+    np.testing.assert_array_equal(rows[0, :len(one)], one)
+
+
+def test_pack_text_never_splits_a_text_and_ignores_padding(tok):
+    texts = [f"text {i}" + " zan ana" * (i % 5) for i in range(60)]
+    encoded = [tok.encode(t, add_bos=True, add_eos=True) for t in texts]
+    assert max(map(len, encoded)) <= 48
+    rows = pipeline.pack_text(texts, tok, 48)
+    # Reading the rows back, texts come out whole and in order; only row tails are padding.
+    found = []
+    for r in rows:
+        r = list(r)
+        body = r[:r.index(-1)] if -1 in r else r
+        assert all(x == -1 for x in r[len(body):])
+        while body:
+            n = body.index(tok.eos_id) + 1
+            found.append(body[:n])
+            body = body[n:]
+    assert found == encoded
+    long = pipeline.pack_text(["ana " * 80], tok, 48)          # longer than a row: cut
+    assert long.shape[0] >= 2 and (long[0] >= 0).all()
+    batch = next(iter(pipeline.text_dataset(rows, batch_size=4, pad_id=tok.pad_id,
+                                            shuffle=False)))
+    pad = rows[:4] < 0
+    assert (batch["labels"][pad] == prompts.IGNORE_INDEX).all()
+    assert (batch["ids"][pad] == tok.pad_id).all()
+    np.testing.assert_array_equal(batch["ids"][~pad], rows[:4][~pad])

@@ -166,30 +166,51 @@ def feature_shapes(spec: FeatureSpec, batch_size: int) -> dict[str, tuple[int, .
 
 def pack_text(lines: Sequence[str], tokenizer: ClaraTokenizer, max_len: int) -> np.ndarray:
     """Tokenises texts as `<s> text </s>` and packs them into rows [R, max_len] (int32) for
-    base-LM pretraining (the last partial row is dropped). A text that already starts with
-    `<s>` or ends with `</s>` (a chat-formatted example) is not given a second one."""
-    stream: list[int] = []
+    base-LM pretraining. A text never straddles two rows (a question keeps the documents it
+    is about in its context): it starts a new row when it does not fit in what is left of the
+    current one, and the rest of that row is padding, marked -1 (`text_dataset` turns it into
+    the pad id with an ignored label). A text longer than max_len is cut into max_len pieces.
+    A text that already starts with `<s>` or ends with `</s>` (a chat-formatted example) is
+    not given a second one."""
+    rows: list[list[int]] = []
+    current: list[int] = []
     for line in lines:
         text = line.strip()
-        if text:
-            stream.extend(tokenizer.encode(
-                text, add_bos=not text.startswith(tokenizer.bos_token),
-                add_eos=not text.endswith(tokenizer.eos_token)))
-    rows = len(stream) // max_len
-    if rows == 0:
-        raise ValueError(f"{len(stream)} tokens of text are fewer than one row of {max_len}")
-    return np.asarray(stream[:rows * max_len], np.int32).reshape(rows, max_len)
+        if not text:
+            continue
+        ids = tokenizer.encode(text, add_bos=not text.startswith(tokenizer.bos_token),
+                               add_eos=not text.endswith(tokenizer.eos_token))
+        if len(current) + len(ids) > max_len and current:
+            rows.append(current)
+            current = []
+        while len(ids) > max_len:
+            rows.append(ids[:max_len])
+            ids = ids[max_len:]
+        current = current + ids
+    if current:
+        rows.append(current)
+    if not rows:
+        raise ValueError("no text to pack: every line is empty")
+    out = np.full((len(rows), max_len), -1, np.int32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out
 
 
-def text_dataset(rows: np.ndarray, *, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1
-                 ) -> grain.MapDataset:
-    """Batches {"ids": [B, max_len]} of packed text rows, sharded and shuffled like
-    `make_dataset`."""
+def text_dataset(rows: np.ndarray, *, batch_size: int, pad_id: int, seed: int = 0,
+                 shuffle: bool = True, num_epochs: int | None = None, shard_index: int = 0,
+                 shard_count: int = 1) -> grain.MapDataset:
+    """Batches {"ids", "labels": [B, max_len]} of packed text rows (`pack_text`; padding
+    becomes `pad_id` in ids and IGNORE_INDEX in labels), sharded and shuffled like `make_dataset`."""
     ds = grain.MapDataset.source(rows)[shard_index::shard_count]
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
-    return ds.map(lambda r: {"ids": np.asarray(r, np.int32)}).batch(batch_size,
-                                                                   drop_remainder=True)
+
+    def features(r):
+        r = np.asarray(r, np.int32)
+        return {"ids": np.where(r < 0, pad_id, r).astype(np.int32),
+                "labels": np.where(r < 0, prompts.IGNORE_INDEX, r).astype(np.int32)}
+
+    return ds.map(features).batch(batch_size, drop_remainder=True)

@@ -176,10 +176,12 @@ def default_mesh() -> Mesh:
 def _placed_params(model, mesh: Mesh) -> tuple[dict, dict]:
     """The base and the encoder adapter laid out on `mesh` by the logical-axis rules."""
     specs = logical_axes(model.model_config, model.config.lora)
-    base = jax.device_put(model.params, parallel.logical_sharding(specs["params"], mesh))
-    enc = jax.device_put(model.adapters["encoder"],
-                         parallel.logical_sharding(specs["lora"], mesh))
-    return base, enc
+    base_sharding, _ = parallel.fit_shardings(
+        parallel.logical_sharding(specs["params"], mesh), model.params)
+    enc_sharding, _ = parallel.fit_shardings(
+        parallel.logical_sharding(specs["lora"], mesh), model.adapters["encoder"])
+    return (jax.device_put(model.params, base_sharding),
+            jax.device_put(model.adapters["encoder"], enc_sharding))
 
 
 def compress_texts(model, texts: Sequence[str], *, batch_size: int, mesh: Mesh,

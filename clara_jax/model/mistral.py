@@ -241,11 +241,19 @@ def init_params(config: MistralConfig, rng: jax.Array) -> dict:
     return nn.meta.unbox(variables["params"])
 
 
+def _abstract_boxed(config: MistralConfig, lora: LoraConfig | None) -> dict:
+    model = Mistral(config, lora)
+    return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+
+
 def logical_axes(config: MistralConfig, lora: LoraConfig | None = None) -> dict:
     """Logical axis names of every parameter (and adapter) leaf: {"params": ..., "lora": ...}."""
-    model = Mistral(config, lora)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    return nn.get_partition_spec(abstract)
+    return nn.get_partition_spec(_abstract_boxed(config, lora))
+
+
+def abstract_params(config: MistralConfig, lora: LoraConfig | None = None) -> dict:
+    """ShapeDtypeStructs of every parameter (and adapter) leaf: {"params": ..., "lora": ...}."""
+    return nn.meta.unbox(_abstract_boxed(config, lora))
 
 
 def project_logits(params: dict, hidden: jax.Array) -> jax.Array:

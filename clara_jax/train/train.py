@@ -234,8 +234,9 @@ def execution_config(c: ml_collections.ConfigDict, model_cfg: MistralConfig) -> 
 
 class StepSetup(NamedTuple):
     """Everything a run's step needs besides data, shared by `train` and `clara_jax.aot`:
-    the optimizer and schedule, the (un-jitted) train / eval steps, and the NamedShardings of
-    the base parameters and of one adapter tree (None for base_lm)."""
+    the optimizer and schedule, the (un-jitted) train / eval steps, the NamedShardings of
+    the base parameters and of one adapter tree (None for base_lm), and a note for each array
+    replicated over a mesh axis that does not divide it (`parallel.fit_shardings`)."""
 
     tx: optax.GradientTransformation
     schedule: optax.Schedule
@@ -243,12 +244,13 @@ class StepSetup(NamedTuple):
     eval_step: Callable
     param_sharding: Any
     lora_sharding: Any
+    sharding_notes: tuple[str, ...] = ()
 
 
 def make_step_setup(c: ml_collections.ConfigDict, model: Mistral, cfg: ClaraConfig | None,
                     mesh) -> StepSetup:
     """The optimizer, steps and parameter shardings of the run described by `c` on `mesh`."""
-    from clara_jax.model.mistral import logical_axes
+    from clara_jax.model.mistral import abstract_params, logical_axes
     base_lm = c.stage == "base_lm"
     schedule = learning_rate_schedule(c.learning_rate, c.total_steps, c.warmup_ratio,
                                       c.min_lr_ratio)
@@ -256,16 +258,19 @@ def make_step_setup(c: ml_collections.ConfigDict, model: Mistral, cfg: ClaraConf
                         min_lr_ratio=c.min_lr_ratio, b1=c.b1, b2=c.b2,
                         weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm,
                         accumulation_steps=c.grad_accum)
-    specs = logical_axes(model.config, None if base_lm else cfg.lora)
+    lora = None if base_lm else cfg.lora
+    specs, shapes = logical_axes(model.config, lora), abstract_params(model.config, lora)
+    param_sharding, notes = parallel.fit_shardings(
+        parallel.logical_sharding(specs["params"], mesh), shapes["params"])
     if base_lm:
         return StepSetup(tx, schedule, make_base_lm_step(model, tx, schedule),
-                         make_base_lm_eval(model), parallel.logical_sharding(specs["params"], mesh),
-                         None)
+                         make_base_lm_eval(model), param_sharding, None, tuple(notes))
+    lora_sharding, lora_notes = parallel.fit_shardings(
+        parallel.logical_sharding(specs["lora"], mesh), shapes["lora"])
     return StepSetup(tx, schedule,
                      step_lib.make_train_step(model, cfg, c.stage, tx, schedule, c.dropout),
                      step_lib.make_eval_step(model, cfg, c.stage),
-                     parallel.logical_sharding(specs["params"], mesh),
-                     parallel.logical_sharding(specs["lora"], mesh))
+                     param_sharding, lora_sharding, tuple(notes + lora_notes))
 
 
 def init_state(c: ml_collections.ConfigDict, setup: StepSetup, params: dict,
@@ -374,8 +379,10 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
         n_train = len(rows)
         n_eval = max(len(rows) // 20, local_bs)
         train_ds = pipeline.text_dataset(rows[n_eval:], batch_size=local_bs, seed=c.seed,
+                                         pad_id=tok.pad_id,
                                          shard_index=shard_index, shard_count=shard_count)
         eval_ds = pipeline.text_dataset(rows[:n_eval], batch_size=local_bs, shuffle=False,
+                                        pad_id=tok.pad_id,
                                         num_epochs=1, shard_index=shard_index,
                                         shard_count=shard_count)
     else:
@@ -395,6 +402,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # State, step, checkpoints.
     setup = make_step_setup(c, model, cfg, mesh)
+    for note in setup.sharding_notes:
+        print(f"sharding: {note}")
     params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, start["params"]),
                             setup.param_sharding)
     adapters = None
@@ -579,12 +588,13 @@ def export_model(workdir: str, model_cfg: MistralConfig, cfg: ClaraConfig | None
 
 
 def make_base_lm_step(model: Mistral, tx: optax.GradientTransformation, schedule):
-    """Next-token training of all base weights on packed text: batch {"ids": [B, L]}."""
+    """Next-token training of all base weights on packed text: batch {"ids", "labels":
+    [B, L]} (labels are the ids with padding ignored)."""
 
     def train_step(state, batch):
         def objective(trainable):
             logits = model.apply({"params": trainable["base"]}, batch["ids"]).logits
-            return causal_lm_loss(logits, batch["ids"])
+            return causal_lm_loss(logits, batch["labels"])
 
         loss, grads = jax.value_and_grad(objective)(state.trainable)
         grad_norm = optax.global_norm(grads)
@@ -605,7 +615,7 @@ def make_base_lm_step(model: Mistral, tx: optax.GradientTransformation, schedule
 def make_base_lm_eval(model: Mistral):
     def eval_step(state, batch):
         logits = model.apply({"params": state.trainable["base"]}, batch["ids"]).logits
-        return {"loss": causal_lm_loss(logits, batch["ids"])}
+        return {"loss": causal_lm_loss(logits, batch["labels"])}
 
     return eval_step
 
