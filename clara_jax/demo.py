@@ -2,10 +2,11 @@
 
     python -m clara_jax.demo --workdir=workdir/demo [--config=configs/demo.py --config.rates=4,16]
 
-1. generate two synthetic worlds of invented entities: one for the base LM, one (split into
-   train / eval entities) for the CLaRa stages and the evaluation;
-2. pretrain a tiny base LM from scratch on the first world's documents and on chat-formatted
-   closed-book, text-RAG and document-QA examples about it;
+1. generate synthetic worlds of invented entities: some for the base LM, others (each split
+   into train / eval entities) for the CLaRa stages and the evaluation;
+2. pretrain a tiny base LM from scratch on the base worlds' reading lessons (documents
+   followed by questions and answers about them) and chat-formatted document-QA,
+   paraphrase, text-RAG and closed-book examples;
 3. at each compression rate: stage 1 (SCP), stage 2 (instruct), stage 3 (end to end), each with
    `clara_jax.train` from the previous stage's model;
 4. evaluate on the held-out entities: closed book and full text (the base model, same backbone)
@@ -44,20 +45,47 @@ STAGE_FILES = {"base": "pretrain_base_tiny.py", "stage1": "stage1_pretrain.py",
 
 # -- data ----------------------------------------------------------------------------------
 
+def reading_passages(path: str, rng: random.Random) -> list[str]:
+    """The plain-text reading lessons of one world's `pretrain_text.txt` (a document line
+    followed by its "Question: ... Answer: ..." lines): each document with its questions in
+    shuffled order, and each pair of neighbouring documents with the questions of both mixed,
+    so that a question always has its document in context (answer tokens are then about a
+    tenth of the text: the signal that teaches the base to read)."""
+    groups: list[list[str]] = []
+    for line in open(path, encoding="utf-8").read().splitlines():
+        if not line.strip():
+            continue
+        if line.startswith("Question:") and groups:
+            groups[-1].append(line)
+        else:
+            groups.append([line])
+    out = []
+    for i, g in enumerate(groups):
+        qa = g[1:]
+        rng.shuffle(qa)
+        out.append("\n".join([g[0]] + qa))
+        if i + 1 < len(groups):
+            h = groups[i + 1]
+            qa = g[1:] + h[1:]
+            rng.shuffle(qa)
+            out.append("\n".join([g[0], h[0]] + qa))
+    return out
+
+
 def write_base_text(world_dirs: list[str], out_path: str) -> str:
     """The base LM's pretraining texts (JSONL {"text"}) from the base worlds, which share no
-    entity with the worlds CLaRa is trained and evaluated on: documents and QA lines, document
-    QA and paraphrases with the document as text (the stage-1 prompts with text instead of
-    memory tokens), text-RAG and closed-book answers (the layouts `evaluate` uses for its
-    baselines). Many small worlds, each seen about once, make reading the context cheaper
+    entity with the worlds CLaRa is trained and evaluated on: reading lessons
+    (`reading_passages`), document QA and paraphrases with the document as text (the stage-1 prompts with text instead of
+    memory tokens), text-RAG answers and, for a quarter of the questions, closed-book ones
+    (the layouts `evaluate` uses for its baselines). Many small worlds, each seen about once, make reading the context cheaper
     than memorising it. Returns out_path."""
     from clara_jax.clara import prompts
     from clara_jax.data import formats
 
     texts: list[str] = []
+    rng = random.Random(0)
     for world_dir in world_dirs:
-        texts += [line for line in open(os.path.join(world_dir, "pretrain_text.txt"),
-                                        encoding="utf-8").read().splitlines() if line.strip()]
+        texts += reading_passages(os.path.join(world_dir, "pretrain_text.txt"), rng)
         scp, _ = formats.read_jsonl([os.path.join(world_dir, f"pretrain_{s}.jsonl")
                                      for s in ("train", "eval")], "pretrain")
         for i, r in enumerate(scp):
@@ -75,10 +103,11 @@ def write_base_text(world_dirs: list[str], out_path: str) -> str:
                                                   r["answers"][0]))
         qa, _ = formats.read_jsonl([os.path.join(world_dir, f"instruct_{s}.jsonl")
                                     for s in ("train", "eval")], "instruct")
-        for r in qa:
+        for i, r in enumerate(qa):
             texts.append(prompts.full_text_string(r["question"], r["docs"], r["answers"][0]))
-            texts.append(prompts.closed_book_string(r["question"], r["answers"][0]))
-    random.Random(0).shuffle(texts)
+            if i % 4 == 0:  # enough to learn the layout; guessing is not what it should learn
+                texts.append(prompts.closed_book_string(r["question"], r["answers"][0]))
+    rng.shuffle(texts)
     with open(out_path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
     return out_path
@@ -107,7 +136,8 @@ def make_worlds(cfg, workdir: str) -> dict[str, list[str]]:
 def stage_config(cfg, name: str, worlds: dict[str, list[str]], rate: int | None,
                  init_from: str):
     """The trainer config of one demo stage: the stage's config file plus the demo's values.
-    Stages train on every CLaRa world's train split and evaluate on the first's eval split."""
+    Stages train on the train splits of the CLaRa worlds (all, or the stage's first `worlds`)
+    and evaluate on the first world's eval split."""
     import importlib.util
     spec = importlib.util.spec_from_file_location(f"demo_{name}",
                                                   os.path.join(_CONFIG_DIR, STAGE_FILES[name]))
@@ -135,7 +165,8 @@ def stage_config(cfg, name: str, worlds: dict[str, list[str]], rate: int | None,
     c.num_candidates = cfg.num_candidates
     c.max_len = cfg.max_len
     fmt = {"stage1": "pretrain", "stage2": "instruct", "stage3": "end_to_end"}[name]
-    c.data.train_files = ",".join(os.path.join(w, f"{fmt}_train.jsonl") for w in worlds["clara"])
+    train_worlds = worlds["clara"][:s.get("worlds") or len(worlds["clara"])]
+    c.data.train_files = ",".join(os.path.join(w, f"{fmt}_train.jsonl") for w in train_worlds)
     c.data.eval_files = os.path.join(worlds["clara"][0], f"{fmt}_eval.jsonl")
     if name == "stage3":
         c.temperature = s.temperature
