@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch first, pinned, so the [torch] extra does not pull a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,torch,tpu]'
+	$(PY) -m pip install -q -e '.[test,torch,tpu,profile]'
 	touch $(STAMP)
 
 install: $(STAMP)

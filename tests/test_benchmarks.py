@@ -53,3 +53,20 @@ def test_rag_latency_quick(work_dir, tmp_path):
     # prompts shrink as the rate grows; the full text is the longest
     assert rows[0]["prompt tokens"] > rows[1]["prompt tokens"] > rows[2]["prompt tokens"]
     assert os.path.getsize(tmp_path / "rag_latency.png") > 1000
+
+
+def test_profile_step_quick(work_dir, tmp_path):
+    """A jax.profiler trace of our stage-1 step, read back with XProf: the XLA:CPU thunks are
+    found, and their time splits into categories with matmuls among them."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "profile_step.py"),
+                          "--quick", "--work_dir", work_dir, "--trace_dir", str(tmp_path),
+                          "--json", str(tmp_path / "p.json")], capture_output=True, text=True,
+                         env=env, timeout=900, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.load(open(tmp_path / "p.json"))
+    shares = [v["share"] for v in summary["categories"].values()]
+    assert abs(sum(shares) - 1.0) < 1e-6 and summary["total_ms"] > 0
+    assert any(c.startswith("matmul") and v["self_ms"] > 0
+               for c, v in summary["categories"].items())
+    assert os.path.exists(summary["trace"]) and "| op category |" in out.stdout

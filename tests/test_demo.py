@@ -1,0 +1,74 @@
+"""`make demo`'s job: its base-LM text and its whole pipeline on a micro config."""
+
+import json
+import os
+import random
+
+import pytest
+
+from clara_jax import demo
+from clara_jax.data import synthetic
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _demo_config(**overrides):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("demo_cfg", os.path.join(ROOT, "configs",
+                                                                           "demo.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    cfg.update_from_flattened_dict(overrides)
+    return cfg
+
+
+def test_every_reading_question_has_its_document_in_the_same_text(tmp_path):
+    synthetic.generate_corpus(str(tmp_path / "w"), seed=3, num_entities=40)
+    path = str(tmp_path / "w" / "pretrain_text.txt")
+    passages = demo.reading_passages(path, random.Random(0))
+    lines = open(path).read().splitlines()
+    n_docs = sum(not line.startswith("Question:") for line in lines)
+    assert len(passages) == 2 * n_docs - 1          # each document, and each neighbour pair
+    for p in passages:
+        docs = [x for x in p.split("\n") if not x.startswith("Question:")]
+        questions = [x for x in p.split("\n") if x.startswith("Question:")]
+        assert 1 <= len(docs) <= 2 and questions
+        for q in questions:   # the answer is read from a document of the same text
+            assert q.split(" Answer: ")[1] in " ".join(docs), (q, docs)
+    # The base text: every reading lesson, and closed-book examples for a quarter of the QA.
+    out = demo.write_base_text([str(tmp_path / "w")], str(tmp_path / "base.jsonl"))
+    texts = [json.loads(line)["text"] for line in open(out)]
+    assert sum(t in passages for t in texts) == len(passages)
+    closed = [t for t in texts if "[INST]" in t and "Background" not in t and "Question:" in t]
+    full = [t for t in texts if "[INST]" in t and "Background:" in t and "\n\nQuestion:" in t]
+    assert 0 < len(closed) < len(full)
+
+
+@pytest.mark.slow
+def test_the_demo_pipeline_runs_and_resumes_on_a_micro_config(tmp_path):
+    """Every step of the demo (worlds, base LM, stages 1-3, evaluation, table, plot, check) at
+    a few steps each; a rerun reuses every finished stage and gives the same table."""
+    cfg = _demo_config(**{
+        "rates": "4", "num_entities": 40, "worlds": 2, "num_candidates": 6,
+        "base.steps": 4, "base.worlds": 1, "base.batch_size": 4, "stage1.steps": 3,
+        "stage1.batch_size": 4, "stage2.steps": 2, "stage2.batch_size": 4, "stage3.steps": 2,
+        "stage3.batch_size": 4, "stage3.worlds": 1, "eval.limit": 8, "eval.batch_size": 8,
+        "eval.max_new_tokens": 4})
+    first = demo.run(cfg, str(tmp_path))
+    systems = {(r["system"], str(r["rate"]), r["setting"], r["stage"]) for r in first["rows"]}
+    assert systems == {("compressed", "4", "normal", "before stage 3"),
+                       ("compressed", "4", "oracle", "after stage 3"),
+                       ("compressed", "4", "normal", "after stage 3"),
+                       ("closed book", "-", "-", ""), ("full text", "1", "oracle", ""),
+                       ("full text", "1", "normal", "")}
+    assert all(r["n"] == 8 for r in first["rows"])
+    assert isinstance(first["failures"], list)   # the check ran (a few steps cannot pass it)
+    saved = json.load(open(tmp_path / "results.json"))
+    assert saved["rows"] == first["rows"] and saved["config"]["rates"] == "4"
+    assert (tmp_path / "results.md").read_text().startswith("| system |")
+    assert (tmp_path / "f1_vs_rate.png").stat().st_size > 1000
+    assert len(open(tmp_path / "data" / "base_text.jsonl").readlines()) > 100
+    second = demo.run(cfg, str(tmp_path))            # every stage is reused, not retrained
+    assert second["rows"] == first["rows"]
+    assert second["seconds"] < first["seconds"]
