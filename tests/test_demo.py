@@ -51,9 +51,9 @@ def test_the_demo_pipeline_runs_and_resumes_on_a_micro_config(tmp_path):
     a few steps each; a rerun reuses every finished stage and gives the same table."""
     cfg = _demo_config(**{
         "rates": "4", "num_entities": 40, "worlds": 2, "num_candidates": 6,
-        "base.steps": 4, "base.worlds": 1, "base.batch_size": 4, "stage1.steps": 3,
-        "stage1.batch_size": 4, "stage2.steps": 2, "stage2.batch_size": 4, "stage3.steps": 2,
-        "stage3.batch_size": 4, "stage3.worlds": 1, "eval.limit": 8, "eval.batch_size": 8,
+        "base.steps": 4, "base.worlds": 1, "base.batch_size": 8, "stage1.steps": 3,
+        "stage1.batch_size": 8, "stage2.steps": 2, "stage2.batch_size": 8, "stage3.steps": 2,
+        "stage3.batch_size": 8, "stage3.worlds": 1, "eval.limit": 8, "eval.batch_size": 8,
         "eval.max_new_tokens": 4})
     first = demo.run(cfg, str(tmp_path))
     systems = {(r["system"], str(r["rate"]), r["setting"], r["stage"]) for r in first["rows"]}
