@@ -23,8 +23,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import common  # noqa: E402
-from train_step import CONFIGS, stage_batches  # noqa: E402
+from train_step import models, stage_batches  # noqa: E402
 
 
 CONTAINERS = ("ThunkExecutor", "ThreadpoolListener", "PjitFunction", "$", "end:")
@@ -110,14 +109,7 @@ def main():
     from clara_jax.train import step as step_lib
     from clara_jax.train.optim import make_optimizer
 
-    name = "quick" if a.quick else "mid"
-    c = CONFIGS[name]
-    base_dir = common.make_base_dir(
-        os.path.join(a.work_dir, f"base_{name}"), hidden=c["hidden"], layers=c["layers"],
-        heads=c["heads"], kv_heads=c["kv_heads"], intermediate=c["intermediate"],
-        base_vocab=c["base_vocab"])
-    _, ours = common.make_official_and_ours(None, a.work_dir, doc_max_length=c["doc_max_length"],
-                                            compress_rate=c["compress_rate"], base_dir=base_dir)
+    name, c, _, ours = models(a.quick, a.work_dir, None)
     k = 1 if a.stage == "stage1" else c["k"]
     our_stage = "pretrain" if a.stage == "stage1" else "end_to_end"
     cfg = ours.config.replace(generation_top_k=k)

@@ -92,6 +92,21 @@ def tokens_per_step(c: dict, stage: str) -> int:
     return docs + c["batch"] * c["prompt_len"]
 
 
+def models(quick: bool, work_dir: str, clara_src: str | None):
+    """(config name, config, official model or None, our Clara) of the benchmark's random
+    Mistral-shaped base ("quick": tiny; else "mid"), built once under work_dir."""
+    name = "quick" if quick else "mid"
+    c = CONFIGS[name]
+    base_dir = common.make_base_dir(
+        os.path.join(work_dir, f"base_{name}"), hidden=c["hidden"], layers=c["layers"],
+        heads=c["heads"], kv_heads=c["kv_heads"], intermediate=c["intermediate"],
+        base_vocab=c["base_vocab"])
+    official, ours = common.make_official_and_ours(
+        clara_src, work_dir, doc_max_length=c["doc_max_length"],
+        compress_rate=c["compress_rate"], base_dir=base_dir)
+    return name, c, official, ours
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clara_src", default=None, help="checkout of github.com/apple/ml-clara")
@@ -108,15 +123,7 @@ def main():
     from clara_jax.train import step as step_lib
     from clara_jax.train.optim import make_optimizer
 
-    name = "quick" if a.quick else "mid"
-    c = CONFIGS[name]
-    base_dir = common.make_base_dir(
-        os.path.join(a.work_dir, f"base_{name}"), hidden=c["hidden"], layers=c["layers"],
-        heads=c["heads"], kv_heads=c["kv_heads"], intermediate=c["intermediate"],
-        base_vocab=c["base_vocab"])
-    official, ours = common.make_official_and_ours(
-        a.clara_src, a.work_dir, doc_max_length=c["doc_max_length"],
-        compress_rate=c["compress_rate"], base_dir=base_dir)
+    name, c, official, ours = models(a.quick, a.work_dir, a.clara_src)
     mcfg = ours.model_config
     peaks = {"jax": [common.jax_matmul_peak(reps=3)]}
     if official is not None:
