@@ -273,15 +273,15 @@ def _decode_program(c, model, params, adapters, setup, mesh, description) -> Pro
     kv = ("layers", "batch", "length", "kv_heads", "head_dim")
     c_sharding, notes = parallel.fit_shardings(parallel.logical_sharding(
         {"k": PartitionSpec(*kv), "v": PartitionSpec(*kv),
-         "valid": PartitionSpec("batch", "length"), "index": PartitionSpec()}, mesh), cache)
+         "valid": PartitionSpec("batch", "length"), "index": PartitionSpec()}, mesh), cache,
+        name="cache")
     row = parallel.batch_sharding(mesh, 1)
     token = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=row)
     position = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=row)
     logits_sharding, logit_notes = parallel.fit_shardings(
         parallel.logical_sharding(PartitionSpec("batch", "vocab"), mesh),
-        jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32))
-    description["sharding_notes"] += [f"cache{n}" for n in notes] + \
-        [f"logits: {n.split(': ', 1)[1]}" for n in logit_notes]
+        jax.ShapeDtypeStruct((batch, cfg.vocab_size), jnp.float32), name="logits")
+    description["sharding_notes"] += notes + logit_notes
 
     def step(variables, token, position, cache):
         return decode_step(model, variables, token, position, cache)

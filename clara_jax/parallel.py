@@ -90,7 +90,7 @@ def logical_sharding(logical_specs: Any, mesh: Mesh,
     return nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
 
 
-def fit_shardings(shardings: Any, shapes: Any) -> tuple[Any, list[str]]:
+def fit_shardings(shardings: Any, shapes: Any, name: str = "") -> tuple[Any, list[str]]:
     """Leaves out of each array's sharding the mesh axes that do not divide its dimension.
 
     shardings: a tree of NamedShardings; shapes: the matching tree of arrays or
@@ -98,7 +98,7 @@ def fit_shardings(shardings: Any, shapes: Any) -> tuple[Any, list[str]]:
     b, only while their product divides n; the array is replicated over the axes it drops (for
     example a CLaRa vocabulary of 32011 rows with `tensor` 4: CLaRa freezes the embedding, so
     this costs memory, not optimizer state). Returns (fitted tree, one note per changed array,
-    naming its path, dimension and the axes dropped)."""
+    naming `name` + its path, its dimension and the axes dropped)."""
     notes: list[str] = []
 
     def fit(path, sharding, x):
@@ -113,7 +113,7 @@ def fit_shardings(shardings: Any, shapes: Any) -> tuple[Any, list[str]]:
                     size *= sharding.mesh.shape[a]
             if len(kept) < len(names):
                 dropped = [a for a in names if a not in kept]
-                notes.append(f"{jax.tree_util.keystr(path)}: dimension {dim} of {tuple(x.shape)} "
+                notes.append(f"{name}{jax.tree_util.keystr(path)}: dimension {dim} of {tuple(x.shape)} "
                              f"is not divisible by mesh axis "
                              + ", ".join(f"{a}={sharding.mesh.shape[a]}" for a in dropped)
                              + "; replicated over it")

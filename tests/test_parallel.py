@@ -8,7 +8,8 @@ import pytest
 from clara_jax import parallel
 from clara_jax.model.config import preset
 from clara_jax.model.lora import LoraConfig
-from clara_jax.model.mistral import Mistral, abstract_params, init_params, logical_axes
+from clara_jax.model.mistral import (Mistral, init_params, logical_axes,
+                                     parameter_shardings)
 
 
 def test_make_mesh_validates_shape():
@@ -27,15 +28,20 @@ def test_every_parameter_has_logical_axes():
 
 
 def test_an_odd_vocabulary_is_replicated_over_tensor_and_the_logits_are_unchanged():
-    """CLaRa's resized vocabularies are odd (32011 at 7B): `fit_shardings` leaves `tensor` out
-    of the vocabulary dimension (named in a note) and keeps every other axis."""
+    """CLaRa's resized vocabularies are odd (32011 at 7B): `parameter_shardings` (through
+    `fit_shardings`) leaves `tensor` out of the vocabulary dimension (named in a note) and
+    keeps every other axis."""
     cfg = preset("tiny", vocab_size=1035)
     mesh = parallel.make_mesh((2, 2, 2))
-    shapes = abstract_params(cfg)["params"]
     naive = parallel.logical_sharding(logical_axes(cfg)["params"], mesh)
-    fitted, notes = parallel.fit_shardings(naive, shapes)
-    assert sorted(n.split(":")[0] for n in notes) == ["['embed_tokens']['embedding']",
-                                                        "['lm_head']['kernel']"]
+    fitted, notes = parameter_shardings(cfg, None, mesh)
+    fitted = fitted["params"]
+    assert sorted(n.split(":")[0] for n in notes) == ["['params']['embed_tokens']['embedding']",
+                                                        "['params']['lm_head']['kernel']"]
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    _, named = parallel.fit_shardings(naive, shapes, name="base")
+    assert sorted(n.split(":")[0] for n in named) == ["base['embed_tokens']['embedding']",
+                                                        "base['lm_head']['kernel']"]
     assert all("tensor=2" in n for n in notes)
     assert fitted["embed_tokens"]["embedding"].spec == jax.sharding.PartitionSpec(None, "fsdp")
     assert fitted["lm_head"]["kernel"].spec == jax.sharding.PartitionSpec("fsdp", None)

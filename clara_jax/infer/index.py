@@ -36,7 +36,7 @@ from clara_jax import parallel
 from clara_jax.clara import prompts
 from clara_jax.clara.model import compress_jit, map_in_padded_batches
 from clara_jax.clara.retrieval import l2_normalize
-from clara_jax.model.mistral import logical_axes
+from clara_jax.model.mistral import parameter_shardings
 
 META = "meta.json"
 FORMAT_VERSION = 1
@@ -175,13 +175,9 @@ def default_mesh() -> Mesh:
 
 def _placed_params(model, mesh: Mesh) -> tuple[dict, dict]:
     """The base and the encoder adapter laid out on `mesh` by the logical-axis rules."""
-    specs = logical_axes(model.model_config, model.config.lora)
-    base_sharding, _ = parallel.fit_shardings(
-        parallel.logical_sharding(specs["params"], mesh), model.params)
-    enc_sharding, _ = parallel.fit_shardings(
-        parallel.logical_sharding(specs["lora"], mesh), model.adapters["encoder"])
-    return (jax.device_put(model.params, base_sharding),
-            jax.device_put(model.adapters["encoder"], enc_sharding))
+    shardings, _ = parameter_shardings(model.model_config, model.config.lora, mesh)
+    return (jax.device_put(model.params, shardings["params"]),
+            jax.device_put(model.adapters["encoder"], shardings["lora"]))
 
 
 def compress_texts(model, texts: Sequence[str], *, batch_size: int, mesh: Mesh,

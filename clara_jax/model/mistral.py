@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from clara_jax import parallel
 from clara_jax.model import attention as attn_lib
 from clara_jax.model.config import MistralConfig
 from clara_jax.model.lora import Linear, LoraConfig
@@ -251,9 +252,14 @@ def logical_axes(config: MistralConfig, lora: LoraConfig | None = None) -> dict:
     return nn.get_partition_spec(_abstract_boxed(config, lora))
 
 
-def abstract_params(config: MistralConfig, lora: LoraConfig | None = None) -> dict:
-    """ShapeDtypeStructs of every parameter (and adapter) leaf: {"params": ..., "lora": ...}."""
-    return nn.meta.unbox(_abstract_boxed(config, lora))
+def parameter_shardings(config: MistralConfig, lora: LoraConfig | None, mesh
+                        ) -> tuple[dict, list[str]]:
+    """NamedShardings of every parameter (and one adapter tree) on `mesh`, by the
+    logical-axis rules and fitted to the shapes (`parallel.fit_shardings`): ({"params": ...,
+    "lora": ...}, a note per array replicated over an axis that does not divide it)."""
+    boxed = _abstract_boxed(config, lora)
+    return parallel.fit_shardings(parallel.logical_sharding(nn.get_partition_spec(boxed), mesh),
+                                  nn.meta.unbox(boxed))
 
 
 def project_logits(params: dict, hidden: jax.Array) -> jax.Array:

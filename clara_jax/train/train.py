@@ -250,7 +250,7 @@ class StepSetup(NamedTuple):
 def make_step_setup(c: ml_collections.ConfigDict, model: Mistral, cfg: ClaraConfig | None,
                     mesh) -> StepSetup:
     """The optimizer, steps and parameter shardings of the run described by `c` on `mesh`."""
-    from clara_jax.model.mistral import abstract_params, logical_axes
+    from clara_jax.model.mistral import parameter_shardings
     base_lm = c.stage == "base_lm"
     schedule = learning_rate_schedule(c.learning_rate, c.total_steps, c.warmup_ratio,
                                       c.min_lr_ratio)
@@ -258,19 +258,14 @@ def make_step_setup(c: ml_collections.ConfigDict, model: Mistral, cfg: ClaraConf
                         min_lr_ratio=c.min_lr_ratio, b1=c.b1, b2=c.b2,
                         weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm,
                         accumulation_steps=c.grad_accum)
-    lora = None if base_lm else cfg.lora
-    specs, shapes = logical_axes(model.config, lora), abstract_params(model.config, lora)
-    param_sharding, notes = parallel.fit_shardings(
-        parallel.logical_sharding(specs["params"], mesh), shapes["params"])
+    shardings, notes = parameter_shardings(model.config, None if base_lm else cfg.lora, mesh)
     if base_lm:
         return StepSetup(tx, schedule, make_base_lm_step(model, tx, schedule),
-                         make_base_lm_eval(model), param_sharding, None, tuple(notes))
-    lora_sharding, lora_notes = parallel.fit_shardings(
-        parallel.logical_sharding(specs["lora"], mesh), shapes["lora"])
+                         make_base_lm_eval(model), shardings["params"], None, tuple(notes))
     return StepSetup(tx, schedule,
                      step_lib.make_train_step(model, cfg, c.stage, tx, schedule, c.dropout),
                      step_lib.make_eval_step(model, cfg, c.stage),
-                     param_sharding, lora_sharding, tuple(notes + lora_notes))
+                     shardings["params"], shardings["lora"], tuple(notes))
 
 
 def init_state(c: ml_collections.ConfigDict, setup: StepSetup, params: dict,
