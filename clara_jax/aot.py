@@ -522,7 +522,7 @@ def format_report(r: dict) -> str:
 
 # -- serialised executables ---------------------------------------------------------------
 
-FINGERPRINT_FORMAT = 1
+FINGERPRINT_FORMAT = 2   # 2: the fingerprint is its own pickle record, before the executable
 # Config fields a compiled train step does not depend on: bookkeeping, data files, the start
 # checkpoint (its shapes are in the state's signature) and the seed (the PRNG key is an input).
 FINGERPRINT_IGNORED = ("seed", "init_from", "compiled_step", "log_every", "eval_every",
@@ -617,31 +617,36 @@ def _refuse(path: str, stored: dict, problems: list[str], limit: int = 20) -> No
 
 
 def serialize(compiled, path: str, fingerprint: dict) -> None:
-    """Writes the compiled executable (`jax.experimental.serialize_executable`), its argument
-    / result tree structures and its `fingerprint` to `path` (a pickle), as MaxText does."""
+    """Writes to `path`, as MaxText does, two pickle records: {"format", "fingerprint"}, then
+    the compiled executable (`jax.experimental.serialize_executable`) with its argument /
+    result tree structures {"payload", "in_tree", "out_tree"}. Checks read the first record
+    only, so a mismatching 7B executable is refused without reading it."""
     from jax.experimental import serialize_executable
     payload, in_tree, out_tree = serialize_executable.serialize(compiled)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
-        pickle.dump({"format": FINGERPRINT_FORMAT, "fingerprint": fingerprint,
-                     "payload": payload, "in_tree": in_tree, "out_tree": out_tree}, f)
+        pickle.dump({"format": FINGERPRINT_FORMAT, "fingerprint": fingerprint}, f)
+        pickle.dump({"payload": payload, "in_tree": in_tree, "out_tree": out_tree}, f)
 
 
-def _read(path: str) -> dict:
+def read_serialized(path: str, executable: bool = False) -> tuple[dict, dict | None]:
+    """(fingerprint, {"payload", "in_tree", "out_tree"} or None) of a file `serialize` wrote;
+    the executable record is read only when asked. ValueError naming the file otherwise."""
     if not os.path.isfile(path):
         raise ValueError(f"config.compiled_step: {path} does not exist")
     with open(path, "rb") as f:
-        stored = pickle.load(f)
-    if not isinstance(stored, dict) or stored.get("format") != FINGERPRINT_FORMAT:
-        raise ValueError(f"config.compiled_step: {path} is not an executable serialised by "
-                         f"this clara_jax.aot (no fingerprint of format {FINGERPRINT_FORMAT}); "
-                         f"serialise it again with python -m clara_jax.aot --serialize={path}")
-    return stored
+        header = pickle.load(f)
+        if not isinstance(header, dict) or header.get("format") != FINGERPRINT_FORMAT:
+            raise ValueError(f"config.compiled_step: {path} is not an executable serialised by "
+                             f"this clara_jax.aot (no fingerprint of format "
+                             f"{FINGERPRINT_FORMAT}); serialise it again with python -m "
+                             f"clara_jax.aot --serialize={path}")
+        return header["fingerprint"], (pickle.load(f) if executable else None)
 
 
 def read_fingerprint(path: str) -> dict:
     """The fingerprint stored with a serialised executable (ValueError naming the file)."""
-    return _read(path)["fingerprint"]
+    return read_serialized(path)[0]
 
 
 def check_compiled_step_config(path: str, c: ml_collections.ConfigDict) -> None:
@@ -660,7 +665,7 @@ def load_compiled(path: str):
     Call it like the jitted step: `state, metrics = step(state, batch)` with arrays sharded
     exactly as compiled."""
     from jax.experimental import serialize_executable
-    stored = _read(path)
+    _, stored = read_serialized(path, executable=True)
     return serialize_executable.deserialize_and_load(stored["payload"], stored["in_tree"],
                                                      stored["out_tree"])
 
@@ -694,16 +699,13 @@ def load_train_step(path: str, c: ml_collections.ConfigDict, model_cfg, mesh, st
     abstract) placed on `shardings`, i.e. `state_sharding(state, setup, mesh)`): ValueError
     naming the file and every difference (a platform mismatch says that the executable
     cannot run here) before anything is deserialised."""
-    from jax.experimental import serialize_executable
-    stored = _read(path)
+    fingerprint = read_fingerprint(path)
     run = step_fingerprint(c, model_cfg, mesh, "train",
                            state=_with_sharding(state, shardings))
-    problems = fingerprint_mismatches(stored["fingerprint"], run)
+    problems = fingerprint_mismatches(fingerprint, run)
     if problems:
-        _refuse(path, stored["fingerprint"], problems)
-    compiled = serialize_executable.deserialize_and_load(
-        stored["payload"], stored["in_tree"], stored["out_tree"])
-    return CompiledTrainStep(path, compiled, stored["fingerprint"]["batch"])
+        _refuse(path, fingerprint, problems)
+    return CompiledTrainStep(path, load_compiled(path), fingerprint["batch"])
 
 
 # -- command line -------------------------------------------------------------------------

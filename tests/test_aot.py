@@ -4,31 +4,18 @@ the shardings, and programs that cannot fit are reported as not fitting."""
 
 import importlib.util
 import os
-import pickle
-import sys
 
 import jax
 import numpy as np
 import pytest
 
 from clara_jax import aot
+from config_files import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config(name, arg="model=tiny", **overrides):
-    sys.path.insert(0, ROOT)
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, "configs", name))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config(arg)
-    for key, value in overrides.items():
-        target = c
-        *path, last = key.split(".")
-        for p in path:
-            target = target[p]
-        target[last] = value
-    return c
+    return load_config(os.path.join("configs", name), arg, **overrides)
 
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -125,10 +112,9 @@ def test_stage1_tiny_compiles_for_v5e_2x2(tmp_path):
     assert "FITS" in aot.format_report(report)
     path = tmp_path / "step.pkl"
     aot.serialize(compiled, str(path), program.fingerprint)
-    stored = pickle.loads(path.read_bytes())
+    fingerprint, stored = aot.read_serialized(str(path), executable=True)
     assert len(stored["payload"]) > 1000
     assert stored["in_tree"] == jax.tree_util.tree_structure((program.args, {}))
-    fingerprint = stored["fingerprint"]
     assert (fingerprint["platform"], fingerprint["device_count"]) == ("tpu", 4)
     assert fingerprint["config"]["batch_size"] == c.batch_size
 

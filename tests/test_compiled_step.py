@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import pickle
-import sys
 
 import jax
 import numpy as np
@@ -16,35 +15,22 @@ import pytest
 
 from clara_jax import aot
 from clara_jax.train import train as train_lib
+from config_files import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config(**overrides):
     """Tiny stage 1 (SCP), 3 steps of batch 8 on the 8 CPU devices, no eval."""
-    sys.path.insert(0, ROOT)
-    spec = importlib.util.spec_from_file_location(
-        "cfg", os.path.join(ROOT, "configs", "stage1_pretrain.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("model=tiny")
-    c.total_steps, c.batch_size, c.max_len = 3, 8, 256
-    c.log_every, c.eval_every, c.checkpoint_every = 1, 1000, 1000
-    for key, value in overrides.items():
-        target = c
-        *path, last = key.split(".")
-        for p in path:
-            target = target[p]
-        target[last] = value
-    return c
+    return load_config("configs/stage1_pretrain.py", "model=tiny", **{
+        "total_steps": 3, "batch_size": 8, "max_len": 256, "log_every": 1, "eval_every": 1000,
+        "checkpoint_every": 1000, **overrides})
 
 
 def write_fingerprint_only(path, fingerprint):
-    """A serialised-step file whose payload is empty: enough to test the refusals, which
-    must all happen before anything is deserialised."""
+    """A serialised-step file with no executable record at all: enough to test the refusals,
+    which must all happen before the executable is read."""
     with open(path, "wb") as f:
-        pickle.dump({"format": aot.FINGERPRINT_FORMAT, "fingerprint": fingerprint,
-                     "payload": b"", "in_tree": None, "out_tree": None}, f)
+        pickle.dump({"format": aot.FINGERPRINT_FORMAT, "fingerprint": fingerprint}, f)
 
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,

@@ -1,26 +1,18 @@
 """`make demo`'s job: its base-LM text and its whole pipeline on a micro config."""
 
 import json
-import os
 import random
 
 import pytest
 
 from clara_jax import demo
 from clara_jax.data import synthetic
+from config_files import load_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _demo_config(**overrides):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("demo_cfg", os.path.join(ROOT, "configs",
-                                                                           "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
-    cfg.update_from_flattened_dict(overrides)
-    return cfg
+    return load_config("configs/demo.py", **overrides)
 
 
 def test_every_reading_question_has_its_document_in_the_same_text(tmp_path):

@@ -1,7 +1,6 @@
 """The compression-rate sweep: config arguments, validation before training, and a real
 two-rate sweep on the tiny model with its table."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,17 +9,13 @@ import sys
 import pytest
 
 from clara_jax.train import sweep
+from config_files import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def sweep_config(arg=""):
-    sys.path.insert(0, ROOT)
-    spec = importlib.util.spec_from_file_location(
-        "sweep_cfg", os.path.join(ROOT, "configs/sweeps/compression_rate.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    return load_config("configs/sweeps/compression_rate.py", arg)
 
 
 def test_config_arguments_and_one_run_config_per_rate():

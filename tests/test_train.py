@@ -15,17 +15,13 @@ import optax
 import pytest
 
 from clara_jax.train import train as train_lib
+from config_files import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config(name="configs/stage1_pretrain.py", arg=""):
-    sys.path.insert(0, ROOT)
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, name))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    return load_config(name, arg)
 
 
 @pytest.mark.parametrize("field,value,message", [
