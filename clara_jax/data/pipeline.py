@@ -186,7 +186,7 @@ def pack_text(lines: Sequence[str], tokenizer: ClaraTokenizer, max_len: int) -> 
         while len(ids) > max_len:
             rows.append(ids[:max_len])
             ids = ids[max_len:]
-        current = current + ids
+        current.extend(ids)
     if current:
         rows.append(current)
     if not rows:

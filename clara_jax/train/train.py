@@ -466,8 +466,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                 pos_mask = extras["pos_mask"]
                 truncation["truncated_docs"] += int(np.sum(extras["truncated_docs"]))
                 truncation["truncated_prompts"] += int(np.sum(extras["truncated_prompt"]))
-                tokens_since += int(sum(np.sum(batch[k]) for k in batch
-                                        if k.endswith("mask") and k != "pos_mask")
+                tokens_since += int(sum(np.sum(batch[k]) for k in TOKEN_MASKS if k in batch)
                                     if not base_lm else batch["ids"].size)
                 if step_flops is None:  # batch shapes are static: the same every step
                     step_flops = _model_flops(model_cfg, batch, c.stage)
@@ -529,6 +528,10 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in history)
     return summary
+
+
+# The batch features whose ones are tokens the step reads (encoder and decoder inputs).
+TOKEN_MASKS = ("doc_mask", "query_mask", "prompt_mask")
 
 
 def split_batch(batch: dict, stage: str, candidates=None, record_rows=None
