@@ -15,7 +15,8 @@ the worst case of no candidate shared between questions); stage 1 (SCP, one docu
 example) varies document length and rate. Batches are random ids in the pipeline's layout
 (`train_step.stage_batches`). Time: median of `--reps` steps after one warm-up step. Memory:
 XLA's compiled memory analysis of the step, `peak = arguments + outputs - donated (aliased)
-+ temporaries` (not the process RSS), as `clara_jax.aot` counts it.
++ temporaries` (`clara_jax.aot.memory_breakdown` without the generated code; not the
+process RSS).
 
 AOT part: `clara_jax.aot.compile_report` of the stage-3 step (uncached, the official
 lengths) for a v5e topology at several fsdp widths (the rest of the chips in `data`):
@@ -94,15 +95,11 @@ def run_config(point: dict, stage: str, cached: bool = False):
 
 
 def compiled_memory(compiled) -> dict:
-    """Bytes of XLA's memory analysis of a compiled step; `peak` counts donated (aliased)
-    arguments once: arguments + outputs - aliased + temporaries."""
-    m = compiled.memory_analysis()
-    out = {"argument_bytes": int(m.argument_size_in_bytes),
-           "output_bytes": int(m.output_size_in_bytes),
-           "alias_bytes": int(m.alias_size_in_bytes),
-           "temp_bytes": int(m.temp_size_in_bytes)}
-    out["peak_bytes"] = (out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"]
-                         + out["temp_bytes"])
+    """`clara_jax.aot.memory_breakdown` of a compiled step, with `peak` = its total without
+    the generated code: arguments + outputs - aliased (donated) + temporaries."""
+    from clara_jax import aot
+    out = aot.memory_breakdown(compiled)
+    out["peak_bytes"] = out["total_bytes"] - out["generated_code_bytes"]
     return out
 
 

@@ -342,6 +342,22 @@ _HBM_OOM = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)\
 _UNITS = {"": 1, "K": 1024, "M": 1024 ** 2, "G": GiB, "T": 1024 ** 4}
 
 
+def memory_breakdown(compiled) -> dict[str, int]:
+    """Bytes per device from XLA's memory analysis of a compiled program: arguments,
+    outputs, aliased (donated arguments reused as outputs), temporaries, generated code, and
+    total = arguments + outputs - aliased + temporaries + generated code."""
+    mem = compiled.memory_analysis()
+    memory = {"argument_bytes": int(mem.argument_size_in_bytes),
+              "output_bytes": int(mem.output_size_in_bytes),
+              "alias_bytes": int(mem.alias_size_in_bytes),
+              "temp_bytes": int(mem.temp_size_in_bytes),
+              "generated_code_bytes": int(mem.generated_code_size_in_bytes)}
+    memory["total_bytes"] = (memory["argument_bytes"] + memory["output_bytes"]
+                             - memory["alias_bytes"] + memory["temp_bytes"]
+                             + memory["generated_code_bytes"])
+    return memory
+
+
 def analyse(compiled, program: Program, chip: Chip, hbm_gib: float | None = None,
             layer_cost: tuple[float, float] | None = None) -> dict:
     """The report: the description plus memory, cost, collectives, roofline time, MFU, fit.
@@ -354,16 +370,7 @@ def analyse(compiled, program: Program, chip: Chip, hbm_gib: float | None = None
     report = {**program.description, "chip": chip.name, "devices": n, "hbm_bytes": int(hbm),
               "peak_flops": chip.peak_flops, "hbm_bandwidth": chip.hbm_bandwidth,
               "model_flops_per_device": program.model_flops / n}
-    mem = compiled.memory_analysis()
-    memory = {"argument_bytes": int(mem.argument_size_in_bytes),
-              "output_bytes": int(mem.output_size_in_bytes),
-              "alias_bytes": int(mem.alias_size_in_bytes),
-              "temp_bytes": int(mem.temp_size_in_bytes),
-              "generated_code_bytes": int(mem.generated_code_size_in_bytes)}
-    # Donated arguments alias outputs: count those bytes once.
-    memory["total_bytes"] = (memory["argument_bytes"] + memory["output_bytes"]
-                             - memory["alias_bytes"] + memory["temp_bytes"]
-                             + memory["generated_code_bytes"])
+    memory = memory_breakdown(compiled)
     xla_flops, xla_bytes = _cost(compiled)
     flops, bytes_accessed = layer_cost or (xla_flops, xla_bytes)
     # A local backend of unknown peak / bandwidth (0) has no roofline: those fields are None.
