@@ -126,7 +126,8 @@ def make_worlds(cfg, workdir: str) -> dict[str, list[str]]:
             if not os.path.exists(os.path.join(path, "manifest.json")):
                 synthetic.generate_corpus(path, seed=first_seed + i,
                                           num_entities=cfg.num_entities,
-                                          num_candidates=cfg.num_candidates, k=cfg.top_k)
+                                          num_candidates=cfg.num_candidates, k=cfg.top_k,
+                                          places_seed=cfg.places_seed)
             out[role].append(path)
     return out
 

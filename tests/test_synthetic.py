@@ -70,3 +70,13 @@ def test_documents_have_a_useful_length(corpus):
     out, _ = corpus
     lengths = [len(json.loads(l)["text"].split()) for l in open(out / "corpus.jsonl")]
     assert min(lengths) >= 30 and max(lengths) <= 250
+
+
+def test_worlds_with_one_places_seed_share_their_map_only():
+    a = synthetic.World(1, 20, 10, 8, 3, places_seed=7)
+    b = synthetic.World(2, 20, 10, 8, 3, places_seed=7)
+    c = synthetic.World(1, 20, 10, 8, 3)
+    assert a.cities == b.cities and a.countries == b.countries
+    assert not {p["name"] for p in a.people} & {p["name"] for p in b.people}
+    assert {p["city"] for p in a.people + b.people} <= {x["name"] for x in a.cities}
+    assert c.cities != a.cities

@@ -44,33 +44,38 @@ def _word(rng: random.Random, n: int) -> str:
 
 
 class World:
-    """Entities with attributes; names are unique."""
+    """Entities with attributes; names are unique. Countries and cities come from
+    `places_seed` when given (worlds with the same places_seed share their map, and only
+    people and organisations differ), else from `seed`."""
 
     def __init__(self, seed: int, num_people: int, num_orgs: int, num_cities: int,
-                 num_countries: int):
-        rng = random.Random(seed)
+                 num_countries: int, places_seed: int | None = None):
         used: set[str] = set()
 
-        def name(parts: int, syllables: int) -> str:
+        def name(rng: random.Random, parts: int, syllables: int) -> str:
             while True:
                 n = " ".join(_word(rng, syllables) for _ in range(parts))
                 if n not in used:
                     used.add(n)
                     return n
 
-        self.countries = [name(1, 2) for _ in range(num_countries)]
-        self.cities = [{"type": "city", "name": name(1, 2), "country": rng.choice(self.countries),
+        rng = random.Random(seed if places_seed is None else f"places-{places_seed}")
+        self.countries = [name(rng, 1, 2) for _ in range(num_countries)]
+        self.cities = [{"type": "city", "name": name(rng, 1, 2),
+                        "country": rng.choice(self.countries),
                         "year": rng.randint(900, 1700)} for _ in range(num_cities)]
+        if places_seed is not None:
+            rng = random.Random(seed)
         self.people = []
         for _ in range(num_people):
-            self.people.append({"type": "person", "name": name(2, 2),
+            self.people.append({"type": "person", "name": name(rng, 2, 2),
                                 "city": rng.choice(self.cities)["name"],
                                 "year": rng.randint(1800, 1990),
                                 "occupation": rng.choice(OCCUPATIONS)})
         self.orgs = []
         for i in range(num_orgs):
             founder = self.people[i % len(self.people)]
-            self.orgs.append({"type": "org", "name": f"{name(1, 2)} {rng.choice(ORG_KINDS)}",
+            self.orgs.append({"type": "org", "name": f"{name(rng, 1, 2)} {rng.choice(ORG_KINDS)}",
                               "founder": founder["name"], "year": rng.randint(1850, 2000),
                               "city": rng.choice(self.cities)["name"],
                               "industry": rng.choice(INDUSTRIES)})
@@ -169,13 +174,17 @@ def paraphrase(e: dict, rng: random.Random) -> str:
 
 def generate_corpus(out_dir: str, seed: int = 0, num_entities: int = 240,
                     num_candidates: int = 20, k: int = 5, eval_fraction: float = 0.2,
-                    questions_per_entity: int = 2) -> dict[str, Any]:
-    """Writes the corpus files into out_dir; returns {"files": {...}, "counts": {...}}."""
+                    questions_per_entity: int = 2, places_seed: int | None = None
+                    ) -> dict[str, Any]:
+    """Writes the corpus files into out_dir; returns {"files": {...}, "counts": {...}}.
+    Corpora generated with the same `places_seed` share their cities and countries (see
+    `World`)."""
     if num_entities < 20:
         raise ValueError(f"num_entities must be at least 20, got {num_entities}")
     n_people = num_entities // 2
     n_orgs = num_entities // 3
-    world = World(seed, n_people, n_orgs, max(num_entities // 8, 6), max(num_entities // 40, 3))
+    world = World(seed, n_people, n_orgs, max(num_entities // 8, 6), max(num_entities // 40, 3),
+                  places_seed=places_seed)
     rng = random.Random(seed + 1)
     # Disjoint people / organisations for eval; an org goes to eval with its founder.
     n_eval_orgs = max(int(len(world.orgs) * eval_fraction), 4)
@@ -260,7 +269,7 @@ def generate_corpus(out_dir: str, seed: int = 0, num_entities: int = 240,
             for q, a in questions(e):
                 f.write(f"Question: {q} Answer: {a}\n")
     files["pretrain_text.txt"] = text_path
-    manifest = {"seed": seed, "num_entities": num_entities, "num_candidates": num_candidates,
+    manifest = {"seed": seed, "places_seed": places_seed, "num_entities": num_entities, "num_candidates": num_candidates,
                 "k": k, "counts": counts, "eval_entities": sorted(e["name"] for e in split["eval"])}
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
@@ -273,13 +282,16 @@ flags.DEFINE_integer("num_entities", 240, "People + organisations + cities, roug
 flags.DEFINE_integer("num_candidates", 20, "Candidate documents per end-to-end question.")
 flags.DEFINE_integer("k", 5, "Documents per instruction-tuning question.")
 flags.DEFINE_integer("questions_per_entity", 2, "Simple questions per entity.")
+flags.DEFINE_integer("places_seed", None, "Cities and countries from this seed (corpora with "
+                     "the same places_seed share them); default: from --seed.")
 
 
 def main(argv):
     del argv
     out = generate_corpus(flags.FLAGS.out_dir, flags.FLAGS.seed, flags.FLAGS.num_entities,
                           flags.FLAGS.num_candidates, flags.FLAGS.k,
-                          questions_per_entity=flags.FLAGS.questions_per_entity)
+                          questions_per_entity=flags.FLAGS.questions_per_entity,
+                          places_seed=flags.FLAGS.places_seed)
     for name, n in sorted(out["counts"].items()):
         print(f"{n:6d}  {out['files'][name]}")
 
