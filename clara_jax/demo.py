@@ -127,7 +127,9 @@ def make_worlds(cfg, workdir: str) -> dict[str, list[str]]:
                 synthetic.generate_corpus(path, seed=first_seed + i,
                                           num_entities=cfg.num_entities,
                                           num_candidates=cfg.num_candidates, k=cfg.top_k,
-                                          places_seed=cfg.places_seed)
+                                          places_seed=cfg.places_seed,
+                                          questions_per_entity=cfg.questions_per_entity,
+                                          multi_hop=cfg.multi_hop)
             out[role].append(path)
     return out
 

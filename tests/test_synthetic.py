@@ -80,3 +80,16 @@ def test_worlds_with_one_places_seed_share_their_map_only():
     assert not {p["name"] for p in a.people} & {p["name"] for p in b.people}
     assert {p["city"] for p in a.people + b.people} <= {x["name"] for x in a.cities}
     assert c.cities != a.cities
+
+
+def test_without_multi_hop_every_question_has_one_gold_document(tmp_path):
+    synthetic.generate_corpus(str(tmp_path), seed=0, num_entities=40, num_candidates=8, k=1,
+                              multi_hop=False, questions_per_entity=4)
+    ins, _ = formats.read_jsonl(str(tmp_path / "instruct_train.jsonl"), "instruct", k=1)
+    e2e, _ = formats.read_jsonl(str(tmp_path / "end_to_end_eval.jsonl"), "end_to_end",
+                                num_candidates=8)
+    for r in ins + e2e:
+        assert len(r["pos_index"]) == 1 and r["answers"][0] in r["docs"][r["pos_index"][0]]
+    assert not any("founder of" in r["question"] for r in ins + e2e)
+    with pytest.raises(ValueError, match="k=1"):
+        synthetic.generate_corpus(str(tmp_path / "x"), seed=0, num_entities=40, k=1)

@@ -174,11 +174,14 @@ def paraphrase(e: dict, rng: random.Random) -> str:
 
 def generate_corpus(out_dir: str, seed: int = 0, num_entities: int = 240,
                     num_candidates: int = 20, k: int = 5, eval_fraction: float = 0.2,
-                    questions_per_entity: int = 2, places_seed: int | None = None
-                    ) -> dict[str, Any]:
+                    questions_per_entity: int = 2, places_seed: int | None = None,
+                    multi_hop: bool = True) -> dict[str, Any]:
     """Writes the corpus files into out_dir; returns {"files": {...}, "counts": {...}}.
     Corpora generated with the same `places_seed` share their cities and countries (see
-    `World`)."""
+    `World`). multi_hop=False leaves out the two-document questions (so every question has
+    one gold document and k may be 1)."""
+    if multi_hop and k < 2:
+        raise ValueError(f"k={k}: two-document questions need k >= 2 (or multi_hop=False)")
     if num_entities < 20:
         raise ValueError(f"num_entities must be at least 20, got {num_entities}")
     n_people = num_entities // 2
@@ -242,7 +245,7 @@ def generate_corpus(out_dir: str, seed: int = 0, num_entities: int = 240,
         for e in ents:
             for q, a in questions(e)[:questions_per_entity]:
                 single.append((q, a, [e]))
-        for o in by_type(ents, "org"):
+        for o in by_type(ents, "org") if multi_hop else []:
             founder = next(p for p in world.people if p["name"] == o["founder"])
             multi.append((f"In which city was the founder of {o['name']} born?",
                           founder["city"], [o, founder]))
@@ -269,7 +272,8 @@ def generate_corpus(out_dir: str, seed: int = 0, num_entities: int = 240,
             for q, a in questions(e):
                 f.write(f"Question: {q} Answer: {a}\n")
     files["pretrain_text.txt"] = text_path
-    manifest = {"seed": seed, "places_seed": places_seed, "num_entities": num_entities, "num_candidates": num_candidates,
+    manifest = {"seed": seed, "places_seed": places_seed, "multi_hop": multi_hop,
+                "num_entities": num_entities, "num_candidates": num_candidates,
                 "k": k, "counts": counts, "eval_entities": sorted(e["name"] for e in split["eval"])}
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
@@ -282,6 +286,7 @@ flags.DEFINE_integer("num_entities", 240, "People + organisations + cities, roug
 flags.DEFINE_integer("num_candidates", 20, "Candidate documents per end-to-end question.")
 flags.DEFINE_integer("k", 5, "Documents per instruction-tuning question.")
 flags.DEFINE_integer("questions_per_entity", 2, "Simple questions per entity.")
+flags.DEFINE_bool("multi_hop", True, "Also write two-document questions.")
 flags.DEFINE_integer("places_seed", None, "Cities and countries from this seed (corpora with "
                      "the same places_seed share them); default: from --seed.")
 
@@ -291,7 +296,8 @@ def main(argv):
     out = generate_corpus(flags.FLAGS.out_dir, flags.FLAGS.seed, flags.FLAGS.num_entities,
                           flags.FLAGS.num_candidates, flags.FLAGS.k,
                           questions_per_entity=flags.FLAGS.questions_per_entity,
-                          places_seed=flags.FLAGS.places_seed)
+                          places_seed=flags.FLAGS.places_seed,
+                          multi_hop=flags.FLAGS.multi_hop)
     for name, n in sorted(out["counts"].items()):
         print(f"{n:6d}  {out['files'][name]}")
 

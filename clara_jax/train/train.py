@@ -193,7 +193,8 @@ def data_files(c: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     out = os.path.join(workdir, "data")
     if not os.path.exists(os.path.join(out, "manifest.json")):
         synthetic.generate_corpus(out, seed=c.seed, num_entities=c.data.synthetic_entities,
-                                  num_candidates=c.num_candidates, k=c.generation_top_k)
+                                  num_candidates=c.num_candidates, k=c.generation_top_k,
+                                  multi_hop=c.generation_top_k >= 2)
     fmt = {"pretrain": "pretrain", "instruct": "instruct", "end_to_end": "end_to_end",
            "retrieval_pretrain": "end_to_end", "base_lm": "pretrain"}[c.stage]
     return {"train": os.path.join(out, f"{fmt}_train.jsonl"),
