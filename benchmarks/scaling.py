@@ -132,7 +132,7 @@ def measure_step(point: dict, stage: str, cached: bool = False, reps: int = 3) -
         batch["doc_index"] = jnp.arange(b * n, dtype=jnp.int32).reshape(b, n)
         batch["doc_table"] = 0.02 * jax.random.normal(
             jax.random.key(3), (b * n, cfg.n_mem, model_cfg.hidden_size), model_cfg.dtype)
-    with mesh, parallel.axis_rules():
+    with parallel.axis_rules(mesh):
         t0 = time.perf_counter()
         compiled = jax.jit(setup.train_step, donate_argnums=(0,)).lower(state, batch).compile()
         compile_s = time.perf_counter() - t0

@@ -302,10 +302,10 @@ def _decode_program(c, model, params, adapters, setup, mesh, description) -> Pro
 def lower_and_compile(program: Program):
     """(compiled executable, seconds to lower and compile) under the mesh and the rules."""
     start = time.time()
-    # The same context as the trainer's loop (`with mesh`), so the same program compiles.
+    # The same context as the trainer's loop, so the same program compiles.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        with program.mesh, parallel.axis_rules():
+        with parallel.axis_rules(program.mesh):
             jitted = jax.jit(program.fn, in_shardings=program.in_shardings,
                              out_shardings=program.out_shardings,
                              donate_argnums=program.donate_argnums)

@@ -15,6 +15,7 @@ DCN. The batch is therefore sharded over (dcn_data x data) x fsdp.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -130,6 +131,11 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
 
 
-def axis_rules(rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES):
-    """Context manager activating the rules for activation constraints inside jit."""
-    return nn.logical_axis_rules(list(rules))
+@contextlib.contextmanager
+def axis_rules(mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES):
+    """Context for tracing sharded code: `mesh` as the current mesh (`jax.set_mesh`) and the
+    logical-axis rules, so the activation constraints (`nn.with_logical_constraint`) take
+    effect. Both are needed: Flax applies a constraint only under a mesh set this way (the
+    legacy `with mesh:` leaves every constraint a silent no-op)."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+        yield

@@ -84,7 +84,7 @@ def test_program_batch_is_what_the_train_loop_feeds_the_step():
                                 jax.devices())
     state, batch = program.args
     assert batch["pos_mask"].shape == (8, 20) and "index" not in batch
-    with program.mesh, parallel.axis_rules():
+    with parallel.axis_rules(program.mesh):
         _, metrics = jax.eval_shape(program.fn, state, batch)
     assert metrics["loss"].shape == ()
 

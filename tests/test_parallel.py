@@ -53,7 +53,7 @@ def test_an_odd_vocabulary_is_replicated_over_tensor_and_the_logits_are_unchange
     ids = jax.random.randint(jax.random.key(1), (4, 12), 0, cfg.vocab_size)
     model = Mistral(cfg)
     want = model.apply({"params": params}, ids).logits
-    with mesh, parallel.axis_rules():
+    with parallel.axis_rules(mesh):
         got = jax.jit(lambda p, i: model.apply({"params": p}, i).logits)(
             jax.device_put(params, fitted), ids)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
@@ -76,7 +76,7 @@ def test_sharded_forward_and_grad_equal_unsharded(shape):
     shardings = parallel.logical_sharding(logical_axes(cfg)["params"], mesh)
     sharded = jax.device_put(params, shardings)
     x = jax.device_put(ids, parallel.batch_sharding(mesh, 2))
-    with mesh, parallel.axis_rules():
+    with parallel.axis_rules(mesh):
         v, g = jax.jit(jax.value_and_grad(loss), out_shardings=(None, shardings))(sharded, x)
     q = g["layers"]["self_attn"]["q_proj"]["kernel"]
     assert len(q.sharding.device_set) > 1 or shape == (8, 1, 1)

@@ -174,7 +174,7 @@ def test_train_step_is_the_same_on_every_mesh():
             state = step_lib.create_train_state(p, a, "instruct", tx, jax.random.key(2))
             gb = {key: jax.device_put(jnp.asarray(v), parallel.batch_sharding(mesh, v.ndim))
                   for key, v in batch.items()}
-            with mesh, parallel.axis_rules():
+            with parallel.axis_rules(mesh):
                 new_state, metrics = jax.jit(step)(state, gb)
             results.append((float(metrics["loss"]), jax.device_get(new_state.trainable)))
         return results
@@ -302,7 +302,7 @@ def test_dcn_data_mesh_step_equals_one_device():
         state = step_lib.create_train_state(p, a, "instruct", optax.sgd(1.0), jax.random.key(2))
         gb = {k: jax.device_put(jnp.asarray(v), parallel.batch_sharding(mesh, v.ndim))
               for k, v in batch.items()}
-        with mesh, parallel.axis_rules():
+        with parallel.axis_rules(mesh):
             new_state, metrics = jax.jit(step)(state, gb)
         results.append((float(metrics["loss"]), jax.device_get(new_state.trainable)))
     assert abs(results[0][0] - results[1][0]) < 1e-5

@@ -194,7 +194,7 @@ def compress_texts(model, texts: Sequence[str], *, batch_size: int, mesh: Mesh,
     sharding = parallel.batch_sharding(mesh, 2)
 
     def states(cid: np.ndarray, cmask: np.ndarray) -> jax.Array:
-        with mesh, parallel.axis_rules():
+        with parallel.axis_rules(mesh):
             return compress_jit(model.model, base, enc, jax.device_put(cid, sharding),
                                 jax.device_put(cmask, sharding), cfg.n_mem)[0]
 

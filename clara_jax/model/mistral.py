@@ -151,6 +151,30 @@ class Block(nn.Module):
         return constrain(x, ("batch", "length", "embed")), new_cache
 
 
+def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """table[ids]: rows [..., D] of table [V, D] for ids [...]. The table is gathered whole
+    onto every device first: with its `embed` axis sharded over fsdp, the partitioner would
+    otherwise gather every device's ids (the global batch) and keep the whole batch's
+    activations on each device from there on."""
+    return jnp.take(nn.with_logical_constraint(table, (None, None)), ids, axis=0)
+
+
+class TokenEmbed(nn.Module):
+    """The token embedding table embedding [V, D] (vocab, embed) and its lookup."""
+
+    vocab_size: int
+    features: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        table = self.param("embedding", nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), ("vocab", "embed")),
+            (self.vocab_size, self.features), self.param_dtype)
+        return lookup(table.astype(self.dtype), ids)
+
+
 class Mistral(nn.Module):
     """Mistral decoder. `lora` enables the adapter path (active when a `lora` collection is given)."""
 
@@ -174,10 +198,7 @@ class Mistral(nn.Module):
         """
         c = self.config
         dtype, param_dtype = _dtype(c.dtype), _dtype(c.param_dtype)
-        embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=dtype, param_dtype=param_dtype,
-                         embedding_init=nn.with_logical_partitioning(
-                             nn.initializers.normal(0.02), ("vocab", "embed")),
-                         name="embed_tokens")
+        embed = TokenEmbed(c.vocab_size, c.hidden_size, dtype, param_dtype, name="embed_tokens")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(dtype)
@@ -230,8 +251,7 @@ class Mistral(nn.Module):
 
 def embed_tokens(params: dict, ids: jax.Array, dtype: Any = None) -> jax.Array:
     """Token embeddings [..., D] for ids [...] from a base parameter tree (no module needed)."""
-    table = params["embed_tokens"]["embedding"]
-    out = jnp.take(table, ids, axis=0)
+    out = lookup(params["embed_tokens"]["embedding"], ids)
     return out if dtype is None else out.astype(dtype)
 
 

@@ -457,7 +457,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     step_flops = None
     progress = _progress(first_step, c.total_steps)
     try:
-        with mesh, parallel.axis_rules():
+        with parallel.axis_rules(mesh):
             for step in range(first_step, c.total_steps):
                 batch = next(data_it)
                 epoch = step * c.batch_size // max(n_train, 1)
