@@ -83,3 +83,28 @@ def test_sharded_forward_and_grad_equal_unsharded(shape):
     assert abs(float(v) - float(ref_v)) < 1e-5
     err = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b).max()), g, ref_g)
     assert max(jax.tree_util.tree_leaves(err)) < 1e-5
+
+
+def test_activation_constraints_take_effect_and_the_lookup_keeps_the_batch_sharded():
+    """Under `axis_rules(mesh)` a logical constraint changes the layout (under the legacy
+    `with mesh:` Flax silently skipped it), and token embeddings of batch-sharded ids come
+    out batch-sharded even when the table's embed axis is sharded over fsdp."""
+    import flax.linen as nn
+    from clara_jax.model.mistral import embed_tokens
+    mesh = parallel.make_mesh((1, 8, 1))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    x = jax.device_put(jnp.ones((8, 4)), replicated)
+    with parallel.axis_rules(mesh):
+        y = jax.jit(lambda v: nn.with_logical_constraint(v * 2, ("batch", None)))(x)
+    assert y.sharding.spec[0] in ("fsdp", ("data", "fsdp"))
+    assert y.addressable_shards[0].data.shape == (1, 4)
+    table = jax.device_put(jnp.arange(32 * 16, dtype=jnp.float32).reshape(32, 16),
+                           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+                               None, "fsdp")))
+    ids = jax.device_put(jnp.arange(8 * 5).reshape(8, 5) % 32, parallel.batch_sharding(mesh, 2))
+    with parallel.axis_rules(mesh):
+        fn = jax.jit(lambda t, i: embed_tokens({"embed_tokens": {"embedding": t}}, i))
+        out = fn(table, ids)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(table)[np.asarray(ids)])
+    # Without the gather each device would hold all 8 rows and 2 of the 16 features.
+    assert out.addressable_shards[0].data.shape == (1, 5, 16)
