@@ -41,7 +41,6 @@ import os
 import pickle
 import re
 import time
-import warnings
 from typing import Any, Sequence
 
 import jax
@@ -303,13 +302,11 @@ def lower_and_compile(program: Program):
     """(compiled executable, seconds to lower and compile) under the mesh and the rules."""
     start = time.time()
     # The same context as the trainer's loop, so the same program compiles.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        with parallel.axis_rules(program.mesh):
-            jitted = jax.jit(program.fn, in_shardings=program.in_shardings,
-                             out_shardings=program.out_shardings,
-                             donate_argnums=program.donate_argnums)
-            compiled = jitted.lower(*program.args).compile()
+    with parallel.axis_rules(program.mesh):
+        jitted = jax.jit(program.fn, in_shardings=program.in_shardings,
+                         out_shardings=program.out_shardings,
+                         donate_argnums=program.donate_argnums)
+        compiled = jitted.lower(*program.args).compile()
     return compiled, time.time() - start
 
 

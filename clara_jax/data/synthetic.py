@@ -59,13 +59,12 @@ class World:
                     used.add(n)
                     return n
 
-        rng = random.Random(seed if places_seed is None else f"places-{places_seed}")
-        self.countries = [name(rng, 1, 2) for _ in range(num_countries)]
-        self.cities = [{"type": "city", "name": name(rng, 1, 2),
-                        "country": rng.choice(self.countries),
-                        "year": rng.randint(900, 1700)} for _ in range(num_cities)]
-        if places_seed is not None:
-            rng = random.Random(seed)
+        rng = random.Random(seed)
+        places = rng if places_seed is None else random.Random(f"places-{places_seed}")
+        self.countries = [name(places, 1, 2) for _ in range(num_countries)]
+        self.cities = [{"type": "city", "name": name(places, 1, 2),
+                        "country": places.choice(self.countries),
+                        "year": places.randint(900, 1700)} for _ in range(num_cities)]
         self.people = []
         for _ in range(num_people):
             self.people.append({"type": "person", "name": name(rng, 2, 2),
