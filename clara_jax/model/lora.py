@@ -82,16 +82,9 @@ class Linear(nn.Module):
             nn.with_logical_partitioning(nn.initializers.normal(0.02), self.kernel_axes),
             (*in_shape, *self.features), self.param_dtype)
         # 2-D matmuls: XLA:CPU runs the backward of [N, in] x [in, out] about 1.4x faster
-        # than with the leading batch axes kept. The flattened rows keep the batch sharding
-        # (batch is their major axis): without the constraints the partitioner loses it in
-        # the reshape and, when `embed` is sharded over fsdp, gathers the whole global batch
-        # onto every device to contract over the sharded kernel instead of gathering the
-        # kernel (stage-3 temporaries x9 at fsdp 4, see benchmarks/scaling.py).
-        rows = ("batch", None)
-        out_rows = ("batch", self.kernel_axes[self.in_dims])
-        x2 = nn.with_logical_constraint(x.reshape(-1, fan_in).astype(self.dtype), rows)
-        y = nn.with_logical_constraint(
-            x2 @ kernel.reshape(fan_in, fan_out).astype(self.dtype), out_rows)
+        # than with the leading batch axes kept.
+        x2 = x.reshape(-1, fan_in).astype(self.dtype)
+        y = x2 @ kernel.reshape(fan_in, fan_out).astype(self.dtype)
 
         name = self.name or ""
         use_lora = (self.lora is not None and name in self.lora.targets and
@@ -110,9 +103,7 @@ class Linear(nn.Module):
             rank = a.shape[-1]
             h = nn.Dropout(self.lora.dropout)(x2, deterministic=self.deterministic)
             h = h @ a.reshape(fan_in, rank).astype(self.dtype)
-            h = nn.with_logical_constraint(h, rows)
-            y = y + nn.with_logical_constraint(h @ b.reshape(rank, fan_out).astype(self.dtype),
-                                               out_rows) * (self.lora.alpha / rank)
+            y = y + (h @ b.reshape(rank, fan_out).astype(self.dtype)) * (self.lora.alpha / rank)
         return y.reshape(*lead, *self.features)
 
 
