@@ -1,5 +1,6 @@
 """Sharded execution of the decoder on 8 simulated CPU devices equals the unsharded one."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from clara_jax import parallel
 from clara_jax.model.config import preset
 from clara_jax.model.lora import LoraConfig
-from clara_jax.model.mistral import (Mistral, init_params, logical_axes,
+from clara_jax.model.mistral import (Mistral, embed_tokens, init_params, logical_axes,
                                      parameter_shardings)
 
 
@@ -89,8 +90,6 @@ def test_activation_constraints_take_effect_and_the_lookup_keeps_the_batch_shard
     """Under `axis_rules(mesh)` a logical constraint changes the layout (under the legacy
     `with mesh:` Flax silently skipped it), and token embeddings of batch-sharded ids come
     out batch-sharded even when the table's embed axis is sharded over fsdp."""
-    import flax.linen as nn
-    from clara_jax.model.mistral import embed_tokens
     mesh = parallel.make_mesh((1, 8, 1))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     x = jax.device_put(jnp.ones((8, 4)), replicated)
