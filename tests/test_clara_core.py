@@ -365,3 +365,24 @@ def test_clara_save_load_and_loss(clara, tmp_path):
         clara.loss(["q"], [DOCS[:1]], ["a"], stage="stage9")
     with pytest.raises(ValueError, match="empty"):
         clara.compress_documents(["fine", "  "])
+
+
+def test_merged_adapters_match_unmerged(release):
+    """Inference folds each adapter into a copy of the base; running it unmerged (the
+    training path) gives the same states and the same greedy tokens."""
+    merged = Clara.from_apple(str(release["clara_dir"]), str(release["base_dir"]), batch_size=4)
+    plain = Clara.from_apple(str(release["clara_dir"]), str(release["base_dir"]), batch_size=4,
+                             merge_adapters=False)
+    for name in ("encoder", "query_reasoner", "decoder"):  # the adapters change the model
+        leaves = jax.tree_util.tree_leaves_with_path(merged.adapters[name])
+        assert max(float(jnp.abs(x).max()) for path, x in leaves
+                   if path[-1].key == "lora_b") > 0.01
+    np.testing.assert_allclose(merged.compress_documents(DOCS), plain.compress_documents(DOCS),
+                               atol=1e-5)
+    assert merged._merged[0][0] == "encoder"
+    np.testing.assert_allclose(merged.encode_questions(DOCS[:2]), plain.encode_questions(DOCS[:2]),
+                               atol=1e-5)
+    questions, docs = ["Who was born in 1901?", "Where?"], [DOCS[0:2], DOCS[2:4]]
+    a = merged.generate_from_text(questions, docs, max_new_tokens=8)
+    assert a.token_ids == plain.generate_from_text(questions, docs, max_new_tokens=8).token_ids
+    assert merged._merged[0][0] == "decoder" and plain._merged is None

@@ -8,7 +8,9 @@
 
 Batches are padded to static shapes (documents in chunks of `batch_size`, prompts to a
 multiple of `length_bucket` tokens), so repeated calls reuse compiled programs. Decoding is
-greedy by default. Inference never uses dropout.
+greedy by default. Inference never uses dropout, and by default runs each adapter folded into
+a copy of the base weights (`merge_adapters`: no LoRA matmuls; one extra copy of the weights,
+kept for the adapter used last).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from clara_jax.clara.tokenizer import ClaraTokenizer
 from clara_jax.fileio import atomic_directory
 from clara_jax.model import decode
 from clara_jax.model.config import MistralConfig
-from clara_jax.model.lora import LoraConfig
+from clara_jax.model.lora import LoraConfig, merge_lora
 from clara_jax.model.mistral import Mistral, embed_tokens
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -75,6 +77,11 @@ def _generate_jit(model, base, adapter, ids, mask, positions, states, max_new_to
                            pad_id=pad_id)
 
 
+@functools.partial(jax.jit, static_argnames=("lora",))
+def _merge_jit(base, adapter, lora):
+    return merge_lora(base, adapter, lora)
+
+
 def map_in_padded_batches(fn, ids: np.ndarray, mask: np.ndarray, batch_size: int
                           ) -> np.ndarray:
     """fn(ids, mask) over rows [R, L] in batches of exactly batch_size rows (the last one
@@ -97,7 +104,7 @@ class Clara:
     def __init__(self, model_config: MistralConfig, config: ClaraConfig, params: dict,
                  adapters: dict[str, dict], tokenizer: ClaraTokenizer, *,
                  tokenizer_path: str | None = None, apple_config: dict | None = None,
-                 batch_size: int = 16, length_bucket: int = 64):
+                 batch_size: int = 16, length_bucket: int = 64, merge_adapters: bool = True):
         if tokenizer.vocab_size > model_config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens (base + added) but "
                              f"the model's vocabulary is {model_config.vocab_size}")
@@ -116,6 +123,12 @@ class Clara:
         self.batch_size = batch_size
         self.length_bucket = length_bucket
         self.model = Mistral(model_config, config.lora)
+        # Inference folds an adapter into a copy of the base (W + A @ B * alpha / r): the same
+        # function up to float rounding, without the adapter's small matmuls. The copy (as
+        # large as the base) is kept for the adapter used last; False runs the adapter
+        # unmerged, for a model that fills its device.
+        self.merge_adapters = merge_adapters
+        self._merged: tuple[tuple, dict] | None = None
 
     # -- construction and storage ------------------------------------------------------
 
@@ -208,8 +221,8 @@ class Clara:
         self._check_texts(documents, "documents")
         ids, mask, _ = prompts.encode_documents(self.tokenizer, documents,
                                                 self.config.doc_max_length, self.config.n_mem)
-        fn = lambda i, m: compress_jit(self.model, self.params, self.adapters["encoder"], i, m,
-                                        self.config.n_mem)[0]
+        params, adapter = self._weights("encoder")
+        fn = lambda i, m: compress_jit(self.model, params, adapter, i, m, self.config.n_mem)[0]
         return self._chunks(ids, mask, fn).astype(np.float32)
 
     def encode_questions(self, questions: Sequence[str]) -> np.ndarray:
@@ -217,8 +230,8 @@ class Clara:
         self._check_texts(questions, "questions")
         ids, mask, _ = prompts.encode_documents(self.tokenizer, questions,
                                                 self.config.doc_max_length, self.config.n_mem)
-        fn = lambda i, m: _queries_jit(self.model, self.params, self.adapters["query_reasoner"],
-                                       i, m, self.config.n_mem)
+        params, adapter = self._weights("query_reasoner")
+        fn = lambda i, m: _queries_jit(self.model, params, adapter, i, m, self.config.n_mem)
         return self._chunks(ids, mask, fn)
 
     def retrieve(self, questions: Sequence[str], candidate_states: np.ndarray, k: int
@@ -242,12 +255,25 @@ class Clara:
             raise ValueError(f"unknown adapter {name!r}; this model has {sorted(self.adapters)}")
         return None if name is None else self.adapters[name]
 
+    def _weights(self, name: str | None) -> tuple[dict, dict | None]:
+        """(params, adapter) to run under the named adapter (None: the base alone). With
+        merge_adapters: the base with the adapter folded in, and None."""
+        adapter = self._adapter(name)
+        if adapter is None or not self.merge_adapters:
+            return self.params, adapter
+        key = (name, id(self.params), id(adapter))
+        if self._merged is None or self._merged[0] != key:
+            self._merged = None  # drop the previous copy before making the next
+            self._merged = (key, _merge_jit(self.params, adapter, self.config.lora))
+        return self._merged[1], None
+
     def _generate(self, batch: prompts.DecoderBatch, states: np.ndarray, max_new_tokens: int,
                   topk: np.ndarray | None = None, adapter: str | None = "decoder"
                   ) -> GenerationOutput:
         b, k, n, d = states.shape
         eos, pad = self.tokenizer.eos_id, self.tokenizer.pad_id
-        out = _generate_jit(self.model, self.params, self._adapter(adapter),
+        params, lora = self._weights(adapter)
+        out = _generate_jit(self.model, params, lora,
                             jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask),
                             jnp.asarray(batch.mem_positions),
                             jnp.asarray(states.reshape(b, k * n, d)),
@@ -291,9 +317,8 @@ class Clara:
         longest = max(len(tok.encode(r)) for r in rows)
         batch = prompts.build_decoder_batch(tok, [(r, None) for r in rows], 0,
                                             _round_up(longest, self.length_bucket))
-        variables = {"params": self.params}
-        if adapter is not None:
-            variables["lora"] = self._adapter(adapter)
+        params, lora = self._weights(adapter)
+        variables = {"params": params} if lora is None else {"params": params, "lora": lora}
         out = decode.generate(self.model, variables, input_ids=jnp.asarray(batch.input_ids),
                               attention_mask=jnp.asarray(batch.attention_mask),
                               max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)
