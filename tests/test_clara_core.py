@@ -386,3 +386,22 @@ def test_merged_adapters_match_unmerged(release):
     a = merged.generate_from_text(questions, docs, max_new_tokens=8)
     assert a.token_ids == plain.generate_from_text(questions, docs, max_new_tokens=8).token_ids
     assert merged._merged[0][0] == "decoder" and plain._merged is None
+
+
+def test_shared_prompt_prefix_changes_no_token(release, clara):
+    """Generation prefills the instruction text the prompts share once: the same greedy
+    tokens as prefilling every row in full, compressed and as text."""
+    full = Clara.from_apple(str(release["clara_dir"]), str(release["base_dir"]), batch_size=4,
+                            share_prefix=False)
+    batch = clara._prompts(["Who?", "Where was Ana Rok born?"], 2, "instruct")
+    ids, mask, mem, prefix = clara._split_prefix(batch)
+    first = int(batch.mem_positions[0, 0] - (batch.input_ids.shape[1] -
+                                              batch.attention_mask[0].sum()))
+    assert prefix.shape == (1, first)  # the instruction text up to the first memory slot
+    assert full._split_prefix(batch)[3] is None
+    questions, docs = ["Who was born in 1901?", "Where?", "What did Bo Sel found?"], \
+        [DOCS[0:2], DOCS[2:4], DOCS[4:6]]
+    for call in (lambda m: m.generate_from_text(questions, docs, max_new_tokens=10),
+                 lambda m: m.generate_from_full_text(questions, docs, max_new_tokens=10),
+                 lambda m: m.generate_closed_book(questions, max_new_tokens=10)):
+        assert call(clara).token_ids == call(full).token_ids

@@ -175,6 +175,34 @@ def test_greedy_decode_matches_hf_generate(models):
     np.testing.assert_array_equal(ours[:, :ref.shape[1]], ref)
 
 
+def test_shared_prefix_is_prefilled_once_with_the_same_tokens(models):
+    """Rows starting with the same 9 tokens (left padded to different lengths): the prefix
+    split off and prefilled once gives Hugging Face's greedy tokens and logits."""
+    hf, cfg, params = models
+    rng = np.random.default_rng(11)
+    common = rng.integers(3, 128, 9)
+    rows = [np.concatenate([common, rng.integers(3, 128, n)]) for n in (5, 12, 1)]
+    t = 24
+    ids = np.zeros((3, t), np.int32)
+    mask = np.zeros((3, t), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, t - len(r):], mask[i, t - len(r):] = r, 1
+    prefix, ids_s, mask_s = decode.split_shared_prefix(ids, mask, bucket=8)
+    assert prefix.shape == (1, 9) and ids_s.shape == (3, 16)
+    assert mask_s.sum(1).tolist() == [5, 12, 1]
+    limited, _, mask_l = decode.split_shared_prefix(ids, mask, limit=4, bucket=8)
+    assert limited.shape == (1, 4) and mask_l.sum(1).tolist() == [10, 17, 6]
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask),
+                          max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=2)
+    ref = ref[:, t:].numpy()
+    model = Mistral(cfg)
+    out = decode.generate(model, {"params": params}, input_ids=jnp.asarray(ids_s),
+                          attention_mask=jnp.asarray(mask_s), max_new_tokens=12, eos_id=2,
+                          pad_id=0, prefix_ids=jnp.asarray(prefix))
+    np.testing.assert_array_equal(np.asarray(out.tokens)[:, :ref.shape[1]], ref)
+
+
 def test_greedy_decode_from_embeds_matches_ids(models):
     _, cfg, params = models
     ids, mask = batch(seed=8)

@@ -68,13 +68,13 @@ def _queries_jit(model, base, adapter, ids, mask, n_mem):
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "pad_id"))
 def _generate_jit(model, base, adapter, ids, mask, positions, states, max_new_tokens, eos_id,
-                  pad_id):
+                  pad_id, prefix_ids=None):
     embeds = embed_tokens(base, ids, jnp.dtype(model.config.dtype))
     embeds = splice(embeds, positions, states)
     variables = {"params": base} if adapter is None else {"params": base, "lora": adapter}
     return decode.generate(model, variables, inputs_embeds=embeds,
                            attention_mask=mask, max_new_tokens=max_new_tokens, eos_id=eos_id,
-                           pad_id=pad_id)
+                           pad_id=pad_id, prefix_ids=prefix_ids)
 
 
 @functools.partial(jax.jit, static_argnames=("lora",))
@@ -104,7 +104,8 @@ class Clara:
     def __init__(self, model_config: MistralConfig, config: ClaraConfig, params: dict,
                  adapters: dict[str, dict], tokenizer: ClaraTokenizer, *,
                  tokenizer_path: str | None = None, apple_config: dict | None = None,
-                 batch_size: int = 16, length_bucket: int = 64, merge_adapters: bool = True):
+                 batch_size: int = 16, length_bucket: int = 64, merge_adapters: bool = True,
+                 share_prefix: bool = True):
         if tokenizer.vocab_size > model_config.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens (base + added) but "
                              f"the model's vocabulary is {model_config.vocab_size}")
@@ -128,6 +129,9 @@ class Clara:
         # large as the base) is kept for the adapter used last; False runs the adapter
         # unmerged, for a model that fills its device.
         self.merge_adapters = merge_adapters
+        # Generation prefills the tokens every prompt of a batch starts with (the instruction
+        # text, up to the first memory slot) once, not once per row (`decode.split_shared_prefix`).
+        self.share_prefix = share_prefix
         self._merged: tuple[tuple, dict] | None = None
 
     # -- construction and storage ------------------------------------------------------
@@ -273,14 +277,29 @@ class Clara:
         b, k, n, d = states.shape
         eos, pad = self.tokenizer.eos_id, self.tokenizer.pad_id
         params, lora = self._weights(adapter)
-        out = _generate_jit(self.model, params, lora,
-                            jnp.asarray(batch.input_ids), jnp.asarray(batch.attention_mask),
-                            jnp.asarray(batch.mem_positions),
-                            jnp.asarray(states.reshape(b, k * n, d)),
-                            max_new_tokens=max_new_tokens, eos_id=eos, pad_id=pad)
+        ids, mask, mem_positions, prefix = self._split_prefix(batch)
+        out = _generate_jit(self.model, params, lora, jnp.asarray(ids), jnp.asarray(mask),
+                            jnp.asarray(mem_positions), jnp.asarray(states.reshape(b, k * n, d)),
+                            max_new_tokens=max_new_tokens, eos_id=eos, pad_id=pad,
+                            prefix_ids=prefix)
         ids = decode.trim(out, eos_id=eos)
         texts = [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
         return GenerationOutput(texts, ids, topk)
+
+    def _split_prefix(self, batch: prompts.DecoderBatch
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, jax.Array | None]:
+        """(ids, mask, mem_positions, prefix ids [1, P] or None): with share_prefix, the
+        batch without the prefix its rows share before their first memory slot."""
+        ids, mask, mem = batch.input_ids, batch.attention_mask, batch.mem_positions
+        if not self.share_prefix:
+            return ids, mask, mem, None
+        limit = None
+        if mem.shape[1]:
+            limit = int((mem[:, 0] - (ids.shape[1] - mask.sum(1))).min())
+        prefix, ids_s, mask_s = decode.split_shared_prefix(ids, mask, limit, self.length_bucket)
+        if prefix.shape[1] == 0:
+            return ids, mask, mem, None
+        return ids_s, mask_s, mem - (ids.shape[1] - ids_s.shape[1]), jnp.asarray(prefix)
 
     def _prompts(self, questions: Sequence[str], k: int, stage: str,
                  instruction: int | None = 0) -> prompts.DecoderBatch:
@@ -319,9 +338,10 @@ class Clara:
                                             _round_up(longest, self.length_bucket))
         params, lora = self._weights(adapter)
         variables = {"params": params} if lora is None else {"params": params, "lora": lora}
-        out = decode.generate(self.model, variables, input_ids=jnp.asarray(batch.input_ids),
-                              attention_mask=jnp.asarray(batch.attention_mask),
-                              max_new_tokens=max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id)
+        ids, mask, _, prefix = self._split_prefix(batch)
+        out = decode.generate(self.model, variables, input_ids=jnp.asarray(ids),
+                              attention_mask=jnp.asarray(mask), max_new_tokens=max_new_tokens,
+                              eos_id=tok.eos_id, pad_id=tok.pad_id, prefix_ids=prefix)
         ids = decode.trim(out, eos_id=tok.eos_id)
         texts = [tok.decode(row, skip_special_tokens=True).strip() for row in ids]
         return GenerationOutput(texts, ids)

@@ -4,6 +4,12 @@ The whole generation (prefill plus a `lax.while_loop` over `decode_step`) is one
 program per (batch, prompt length, max_new_tokens) shape, and stops early once every row has
 produced EOS. Prompts are left padded; positions follow Hugging Face's `generate`
 (cumulative count of real tokens), so greedy outputs match `MistralForCausalLM.generate`.
+
+Rows that start with the same tokens (CLaRa's prompts share their instruction text) can pass
+that prefix once: `split_shared_prefix` cuts it off the batch, `generate(prefix_ids=...)` runs
+it for one row and copies its keys and values to every row of the cache. Masked padding
+contributes nothing and positions are unchanged, so the result is the same as prefilling every
+row in full (up to float summation order).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clara_jax.model.config import MistralConfig
 from clara_jax.model.mistral import Mistral, project_logits
@@ -38,6 +45,36 @@ def prompt_positions(attention_mask: jax.Array) -> jax.Array:
     """Positions [B, T] of a left-padded prompt: 0 at the first real token (pads get 1, as in HF)."""
     mask = attention_mask.astype(jnp.int32)
     return jnp.where(mask > 0, jnp.cumsum(mask, axis=1) - 1, 1)
+
+
+def split_shared_prefix(ids: np.ndarray, mask: np.ndarray, limit: int | None = None,
+                        bucket: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Splits left-padded prompts [B, T] into the prefix every row starts with and the rest.
+
+    Returns (prefix [1, P], suffix ids [B, S], suffix mask [B, S]): P is the longest common
+    prefix of the rows' real tokens, at most `limit` tokens and leaving every row at least
+    one; the suffix is the last S columns of the batch (S = the longest remainder rounded up
+    to `bucket`, at most T) with the prefix tokens masked out. A column j of the batch is
+    column j - (T - S) of the suffix. P may be 0 (prefix of shape [1, 0]).
+    """
+    ids, mask = np.asarray(ids), np.asarray(mask).astype(bool)
+    t = ids.shape[1]
+    lengths = mask.sum(1)
+    shortest = int(lengths.min())
+    # Every row's first `shortest` real tokens, aligned (left padding: a row of length n
+    # starts at column t - n).
+    rows = np.stack([ids[i, t - n:t - n + shortest] for i, n in enumerate(lengths)])
+    same = np.all(rows == rows[:1], axis=0)
+    p = int(np.argmin(same)) if not same.all() else shortest
+    p = min(p, shortest - 1, limit if limit is not None else p)
+    p = max(p, 0)
+    rest = int((lengths - p).max())
+    s = min(t, max(bucket, -(-rest // bucket) * bucket))
+    starts = t - lengths  # first real column of each row
+    cols = np.arange(t - s, t)
+    suffix_mask = mask[:, t - s:] & (cols[None, :] >= (starts + p)[:, None])
+    return rows[:1, :p].astype(np.int32), ids[:, t - s:].astype(np.int32), \
+        suffix_mask.astype(np.int32)
 
 
 def select_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float
@@ -70,11 +107,14 @@ def generate(model: Mistral, variables: dict, *, input_ids: jax.Array | None = N
              inputs_embeds: jax.Array | None = None, attention_mask: jax.Array | None = None,
              max_new_tokens: int = 32, eos_id: int = 2, pad_id: int = 0,
              temperature: float = 0.0, top_p: float = 1.0,
-             rng: jax.Array | None = None) -> GenerateOutput:
+             rng: jax.Array | None = None,
+             prefix_ids: jax.Array | None = None) -> GenerateOutput:
     """Generates up to max_new_tokens after a left-padded prompt.
 
     input_ids [B, T] or inputs_embeds [B, T, D]; attention_mask [B, T] (1 = token).
-    variables: {"params": base[, "lora": adapter]}. Greedy unless temperature > 0.
+    prefix_ids [1, P]: tokens that come before every row's prompt (`split_shared_prefix`),
+    prefilled once. variables: {"params": base[, "lora": adapter]}. Greedy unless
+    temperature > 0.
     """
     x = input_ids if input_ids is not None else inputs_embeds
     batch, length = x.shape[:2]
@@ -82,12 +122,21 @@ def generate(model: Mistral, variables: dict, *, input_ids: jax.Array | None = N
         attention_mask = jnp.ones((batch, length), jnp.int32)
     if rng is None:
         rng = jax.random.key(0)
-    cache = init_cache(model.config, batch, length + max_new_tokens)
+    offset = 0 if prefix_ids is None else prefix_ids.shape[1]
+    cache = init_cache(model.config, batch, offset + length + max_new_tokens)
+    if offset:
+        pre = model.apply(variables, prefix_ids,
+                          kv_cache=init_cache(model.config, 1, cache["valid"].shape[1]),
+                          compute_logits=False).kv_cache
+        cache = {"k": jnp.repeat(pre["k"], batch, axis=1),
+                 "v": jnp.repeat(pre["v"], batch, axis=1),
+                 "valid": jnp.repeat(pre["valid"], batch, axis=0), "index": pre["index"]}
     out = model.apply(variables, input_ids, inputs_embeds=inputs_embeds,
-                      attention_mask=attention_mask, positions=prompt_positions(attention_mask),
+                      attention_mask=attention_mask,
+                      positions=offset + prompt_positions(attention_mask),
                       kv_cache=cache, compute_logits=False)
     logits = project_logits(variables["params"], out.hidden_states[:, -1])
-    next_pos = jnp.sum(attention_mask.astype(jnp.int32), axis=1)
+    next_pos = offset + jnp.sum(attention_mask.astype(jnp.int32), axis=1)
 
     def cond(state):
         step, _, _, _, done, _, _ = state
