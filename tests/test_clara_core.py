@@ -399,6 +399,12 @@ def test_shared_prompt_prefix_changes_no_token(release, clara):
                                               batch.attention_mask[0].sum()))
     assert prefix.shape == (1, first)  # the instruction text up to the first memory slot
     assert full._split_prefix(batch)[3] is None
+    from clara_jax.clara import prompts
+    # Text prompts share the system message only, even when their documents are the same.
+    text = prompts.text_batch(clara.tokenizer, ["Who?", "Where?"], [DOCS[:2], DOCS[:2]], None,
+                              max_len=256)
+    system = clara.tokenizer.encode(prompts.system_prefix(prompts.SYSTEM_ANSWER))
+    assert 0 < clara._split_prefix(text)[3].shape[1] <= len(system)
     questions, docs = ["Who was born in 1901?", "Where?", "What did Bo Sel found?"], \
         [DOCS[0:2], DOCS[2:4], DOCS[4:6]]
     for call in (lambda m: m.generate_from_text(questions, docs, max_new_tokens=10),

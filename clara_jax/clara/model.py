@@ -289,13 +289,17 @@ class Clara:
     def _split_prefix(self, batch: prompts.DecoderBatch
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray, jax.Array | None]:
         """(ids, mask, mem_positions, prefix ids [1, P] or None): with share_prefix, the
-        batch without the prefix its rows share before their first memory slot."""
+        batch without the instruction text its rows share (the system message; with memory
+        slots, everything before the first one). Document text that rows happen to share is
+        not shared, so the saving is the one any batch of questions gets."""
         ids, mask, mem = batch.input_ids, batch.attention_mask, batch.mem_positions
         if not self.share_prefix:
             return ids, mask, mem, None
-        limit = None
         if mem.shape[1]:
             limit = int((mem[:, 0] - (ids.shape[1] - mask.sum(1))).min())
+        else:
+            limit = len(self.tokenizer.encode(prompts.system_prefix(
+                prompts.SYSTEM_ANSWER, bos=self.tokenizer.bos_token)))
         prefix, ids_s, mask_s = decode.split_shared_prefix(ids, mask, limit, self.length_bucket)
         if prefix.shape[1] == 0:
             return ids, mask, mem, None

@@ -91,11 +91,16 @@ def memory_slots(tok: ClaraTokenizer, k: int) -> str:
     return ("".join(tok.mem_tokens) + tok.sep_token) * k
 
 
+def system_prefix(system: str, *, bos: str = "<s>") -> str:
+    """The text every `mistral_chat` prompt with this system message starts with."""
+    return f"{bos} [INST] {system}\n\n"
+
+
 def mistral_chat(system: str, user: str, assistant: str | None = None, *,
                  bos: str = "<s>", eos: str = "</s>") -> str:
     """Mistral-7B-Instruct-v0.2's chat template for [system, user(, assistant)]: the system
     message joins the user turn; add_generation_prompt makes no difference."""
-    text = f"{bos} [INST] {system}\n\n{user} [/INST]"
+    text = f"{system_prefix(system, bos=bos)}{user} [/INST]"
     return text if assistant is None else f"{text} {assistant}{eos}"
 
 
