@@ -336,3 +336,31 @@ def test_mfu_is_model_flops_over_the_peak_of_every_device():
     assert train_lib._mfu(4e12, 0.0) == {}
     n = jax.device_count()
     assert train_lib._mfu(4e12, 1e12) == {"mfu": pytest.approx(4.0 / n)}
+
+
+def test_lora_dropout_rate_scale_and_use():
+    """LoRA dropout zeroes 10% of the adapter input (16-bit draws) and scales the rest by
+    1/0.9; Linear applies it only when not deterministic, with the `dropout` rng."""
+    from clara_jax.model import lora
+    x = jnp.ones((1000, 512))
+    y = np.asarray(lora.dropout(x, 0.1, jax.random.key(0)))
+    assert abs((y == 0).mean() - 0.1) < 0.003  # 512,000 draws: 7 standard deviations
+    np.testing.assert_allclose(np.unique(y), [0.0, 1 / 0.9], rtol=1e-6)
+    assert not np.array_equal(y, np.asarray(lora.dropout(x, 0.1, jax.random.key(1))))
+    assert lora.dropout(x, 0.0, jax.random.key(0)) is x
+    cfg = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.5)
+    layer = lora.Linear((8,), ("embed", "mlp"), lora=cfg, name="q_proj")
+    xs = jax.random.normal(jax.random.key(3), (16, 8))
+    v = layer.init(jax.random.key(4), xs)
+    v = {**v, "lora": jax.tree_util.tree_map(lambda t: t + 0.5, v["lora"])}  # B != 0
+    train = lora.Linear((8,), ("embed", "mlp"), lora=cfg, deterministic=False, name="q_proj")
+    a = train.apply(v, xs, rngs={"dropout": jax.random.key(5)})
+    b = train.apply(v, xs, rngs={"dropout": jax.random.key(6)})
+    det = layer.apply(v, xs)
+    assert not np.allclose(a, b) and not np.allclose(a, det)
+    # Unbiased: over 4,000 masks the mean is the deterministic output within 5 standard
+    # errors.
+    outs = jax.vmap(lambda k: train.apply(v, xs, rngs={"dropout": k}))(
+        jax.random.split(jax.random.key(7), 4000))
+    err = np.asarray(jnp.abs(outs.mean(0) - det))
+    assert np.all(err < 5 * np.asarray(outs.std(0)) / np.sqrt(4000))
