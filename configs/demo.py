@@ -1,13 +1,13 @@
 # python -m clara_jax.demo --config=configs/demo.py --workdir=workdir/demo   (what `make demo` runs)
-"""The embedded default: CLaRa end to end on CPU (31 min on a shared 2-core CPU), on the
-synthetic corpus.
+"""The embedded default: CLaRa end to end on CPU (about 27 min on the idle 2-core CPU), on
+the synthetic corpus.
 
 A tiny Mistral (hidden 128, 4 layers) is pretrained from scratch on reading lessons and
 chat-formatted document-QA, text-RAG and closed-book examples about separate invented worlds
 (so the base can answer from text, like the instruct model CLaRa starts from); then stage 1 (SCP), stage 2
 (instruct) and stage 3 (end to end) run at each compression rate; evaluation compares closed
 book, full text and compressed documents on held-out entities. Override any field with
-`--config.field=value` (for example `--config.rates=4,16,32 --config.stage3.steps=600`).
+`--config.field=value` (for example `--config.rates=4,16 --config.stage3.steps=600`).
 """
 
 import ml_collections
@@ -25,7 +25,13 @@ def get_config(arg: str = ""):
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = "tiny"
-    c.rates = "4,16"                 # compression rates to run, comma separated
+    # Compression rates to run, comma separated. The tiny model passes the demo's check at 2x
+    # and 4x (stage 3 raised Recall@1 0.175 -> 0.463 and 0.256 -> 0.688); at 8x and 16x it
+    # does not (0.206 -> 0.169, 0.131 -> 0.050): its memory states barely hold the facts a
+    # document states once (a linear probe finds the birthplace of 18% of held-out people at
+    # 4x, 10% at 16x, chance 3%), so the generator's loss hardly depends on the document and
+    # gives the query reasoner no signal. `--config.rates=4,16` shows that.
+    c.rates = "2,4"
     c.doc_max_length = 80            # synthetic documents are 40-80 tokens
     # One gold document per question, given alone (oracle) or picked from 20 candidates by
     # the query reasoner (normal). With two documents the tiny generator would also have to
@@ -52,12 +58,12 @@ def get_config(arg: str = ""):
     # learns to read its context rather than to memorise.
     c.base = stage(steps=600, learning_rate=3e-3, batch_size=16, max_len=256, vocab_size=1024,
                    worlds=16)
-    # Stage 1 teaches reading memory tokens in its own layout (question and answer in the
-    # reply); the answer layout of stages 2-3 and of the evaluation (question in the
-    # instruction) barely inherits it: after these steps the held-out answer loss with the
-    # gold compressed document is 0.26 nat (4x) / 0.07 nat (16x) below the loss with another
-    # entity's, against 1.0 / 0.67 nat in stage 1's layout. Moving 300 steps from stage 1 to
-    # stage 2 did not help (0.27 nat at 4x; 0 at 16x, where the memory states collapsed).
+    # Stage 1 teaches the memory tokens the entity's name (stated in every sentence) far more
+    # than its facts (stated once): at 16x, in stage 1's own layout, the gold document lowers
+    # the loss of the regenerated questions by 0.79 nat but that of the answers by 0.02 nat.
+    # After stage 2 the answer loss with the gold compressed document is 0.21 / 0.05 / 0.06
+    # nat (4x / 8x / 16x) below the loss with another entity's. Neither a 3x learning rate
+    # nor training the memory-token embeddings (optimize_mem_tokens) raised it at 16x.
     c.stage1 = stage(steps=800, learning_rate=2e-3)
     c.stage2 = stage(steps=300, learning_rate=2e-3)
     # Stage 3 trains the query reasoner from the generator's loss alone. Stages 1-2 never train

@@ -1,7 +1,10 @@
 """`make demo`'s job: its base-LM text and its whole pipeline on a micro config."""
 
 import json
+import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -64,3 +67,26 @@ def test_the_demo_pipeline_runs_and_resumes_on_a_micro_config(tmp_path):
     second = demo.run(cfg, str(tmp_path))            # every stage is reused, not retrained
     assert second["rows"] == first["rows"]
     assert second["seconds"] < first["seconds"]
+
+
+@pytest.mark.slow
+def test_make_demo_passes_its_own_check(tmp_path):
+    """The embedded default, as `make demo` runs it (one process, one CPU device, about 27
+    minutes on 2 cores): it must exit 0, i.e. at every rate compressed F1 (oracle) is above
+    closed book and stage 3 raised Recall@1."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(
+        "--xla_force_host_platform_device_count=8", "").strip()
+    proc = subprocess.run([sys.executable, "-m", "clara_jax.demo", "--workdir", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=3600)
+    tail = (proc.stdout + proc.stderr)[-3000:]
+    assert proc.returncode == 0, tail
+    out = json.load(open(tmp_path / "results.json"))
+    assert out["failures"] == [] and out["config"]["rates"] == "2,4"
+    rows = {(r["system"], str(r["rate"]), r["setting"], r["stage"]): r for r in out["rows"]}
+    closed = rows[("closed book", "-", "-", "")]["f1"]
+    for rate in ("2", "4"):
+        assert rows[("compressed", rate, "oracle", "after stage 3")]["f1"] > closed
+        assert (rows[("compressed", rate, "normal", "after stage 3")]["recall@1"] >
+                rows[("compressed", rate, "normal", "before stage 3")]["recall@1"])
+    assert (tmp_path / "f1_vs_rate.png").stat().st_size > 1000
