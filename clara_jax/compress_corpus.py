@@ -6,6 +6,12 @@
 docs.jsonl holds {"id": str, "text": str} rows (a .txt file: one document per line). A rerun
 into the same --out_dir continues after the last complete chunk; a different input or
 checkpoint is refused.
+
+On a pod, run the same command on every host with --distributed (`jax.distributed.initialize()`,
+which finds the other hosts on TPU VMs): host h compresses chunks h, h + hosts, ... on its own
+devices into --out_dir (a file system every host sees) and host 0 writes meta.json once all
+are done. Without jax.distributed, --host_index / --host_count split the work by hand (for
+example an array job of CPU machines); the last host to finish completes the index.
 """
 
 from absl import app, flags
@@ -16,18 +22,34 @@ flags.DEFINE_string("out_dir", None, "Index directory (created; resumed if parti
 flags.DEFINE_integer("batch_size", 64, "Documents per encoder batch.")
 flags.DEFINE_integer("chunk_size", 4096, "Documents per stored chunk.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "Stored state dtype.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host).")
+flags.DEFINE_integer("host_index", None, "This host's share (with --host_count); default: "
+                     "jax.process_index().")
+flags.DEFINE_integer("host_count", None, "Number of hosts sharing the build; default: "
+                     "jax.process_count().")
 flags.mark_flags_as_required(["checkpoint", "input", "out_dir"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
+    import jax
+
+    if (FLAGS.host_index is None) != (FLAGS.host_count is None):
+        raise app.UsageError("give both --host_index and --host_count, or neither")
+    if FLAGS.distributed:
+        jax.distributed.initialize()
     from clara_jax.clara.model import Clara
     from clara_jax.infer.index import build_index
 
     model = Clara.load(FLAGS.checkpoint)
+    host = None if FLAGS.host_count is None else (FLAGS.host_index, FLAGS.host_count)
     index = build_index(model, FLAGS.input, FLAGS.out_dir, batch_size=FLAGS.batch_size,
-                        chunk_size=FLAGS.chunk_size, dtype=FLAGS.dtype)
+                        chunk_size=FLAGS.chunk_size, dtype=FLAGS.dtype, host=host)
+    if index is None:
+        print(f"{FLAGS.out_dir}: this host's chunks are written; the index is complete once "
+              f"every host has run")
+        return
     print(f"{FLAGS.out_dir}: {len(index)} documents in {index.num_chunks} chunks, "
           f"{index.meta['truncated_docs']} cut to doc_max_length={index.meta['doc_max_length']}")
 

@@ -209,3 +209,45 @@ def test_answer_library_and_both_clis(world, built, tmp_path):
     assert got.returncode == 0, got.stderr[-3000:]
     assert got.stdout.startswith("Q: Who is Lo?\nA: ")
     assert got.stdout.count("docs.txt:") == 2  # two retrieved documents, ids name:line
+
+
+def test_hosts_share_the_chunks_and_build_the_same_index(world, built, tmp_path):
+    """Two hosts (simulated one after the other): each compresses every second chunk into
+    the same directory; the index is complete once both have, equal to a one-host build."""
+    out = str(tmp_path / "hosts")
+    kw = dict(batch_size=4, chunk_size=CHUNK, progress=False)
+    assert index_lib.build_index(world["model"], world["docs"], out, host=(1, 2), **kw) is None
+    assert sorted(f for f in os.listdir(out) if f.endswith(".npy")) == [
+        "chunk_00001.npy", "chunk_00003.npy"]
+    assert not os.path.exists(os.path.join(out, "meta.json"))
+    # Host 0 is interrupted after one chunk, then resumes.
+    assert index_lib.build_index(world["model"], world["docs"], out, host=(0, 2),
+                                 max_chunks=1, **kw) is None
+    with pytest.raises(ValueError, match="another number of hosts"):
+        index_lib.build_index(world["model"], world["docs"], out, host=(0, 3), **kw)
+    with pytest.raises(ValueError, match="another number of hosts"):
+        index_lib.build_index(world["model"], world["docs"], out, **kw)
+    index = index_lib.build_index(world["model"], world["docs"], out, host=(0, 2), **kw)
+    assert index is not None and len(index) == N_DOCS
+    assert [c["sha256"] for c in index.meta["chunks"]] == [
+        c["sha256"] for c in built.meta["chunks"]]
+    np.testing.assert_array_equal(index.all_states(), built.all_states())
+    index_lib.open_index(out, world["model"])  # checksums verified
+    with pytest.raises(ValueError, match="host index 2"):
+        index_lib.build_index(world["model"], world["docs"], str(tmp_path / "x"),
+                              host=(2, 2), **kw)
+    # The CLI, as two hosts sharing the work by hand.
+    ckpt = str(tmp_path / "ckpt")
+    world["model"].save(ckpt)
+    small = tmp_path / "small.jsonl"
+    small.write_text("".join(json.dumps(r) + "\n" for r in world["rows"][:6]))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    outs = [subprocess.run([sys.executable, "-m", "clara_jax.compress_corpus",
+                            f"--checkpoint={ckpt}", f"--input={small}",
+                            f"--out_dir={tmp_path / 'idx'}", "--chunk_size=2", "--batch_size=2",
+                            f"--host_index={h}", "--host_count=2"],
+                           cwd=root, text=True, capture_output=True, timeout=300)
+            for h in (1, 0)]
+    assert [o.returncode for o in outs] == [0, 0], outs[-1].stderr[-3000:]
+    assert "complete once every host has run" in outs[0].stdout
+    assert "6 documents in 3 chunks" in outs[1].stdout

@@ -15,6 +15,12 @@ Every chunk holds chunk_size documents except the last. Chunk files are written 
 name and renamed, then meta.json (also renamed into place) records them, so an interrupted
 build leaves only complete chunks and a rerun continues after the last one. States are read
 back lazily (memory-mapped), so corpora larger than memory work.
+
+On several hosts (`jax.distributed`, or `host=(index, count)` given by hand) host h compresses
+chunks h, h + count, ... on its own devices into the same directory (a shared file system),
+recording them in `host_{h}_of_{count}.json`; once every chunk is recorded, meta.json is
+written (by host 0 after a barrier under jax.distributed) and the index is the same, byte for
+byte, as a one-host build.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import dataclasses
 import functools
 import hashlib
 import io
+import itertools
 import json
 import os
 from typing import Any, Iterable, Iterator, Sequence
@@ -153,12 +160,15 @@ def _file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _read_meta(directory: str) -> dict | None:
-    path = os.path.join(directory, META)
+def _read_json(path: str) -> dict | None:
     if not os.path.exists(path):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def _read_meta(directory: str) -> dict | None:
+    return _read_json(os.path.join(directory, META))
 
 
 def _differences(meta: dict, expected: dict) -> list[str]:
@@ -201,16 +211,49 @@ def compress_texts(model, texts: Sequence[str], *, batch_size: int, mesh: Mesh,
     return map_in_padded_batches(states, ids, mask, bs).astype(np.float32), n_cut
 
 
+def _write_chunk(model, batch: list[dict], out_dir: str, i: int, dtype: str, *,
+                 batch_size: int, mesh: Mesh, placed: tuple[dict, dict]) -> dict:
+    """Compresses one chunk's documents and writes chunk_{i}.npy / .jsonl (atomically);
+    returns its meta.json entry."""
+    states, n_cut = compress_texts(model, [d["text"] for d in batch], batch_size=batch_size,
+                                   mesh=mesh, placed=placed)
+    buf = io.BytesIO()
+    np.save(buf, states.astype(np.dtype(dtype)), allow_pickle=False)
+    sha = _write_atomic(os.path.join(out_dir, f"chunk_{i:05d}.npy"), buf.getvalue())
+    lines = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in batch)
+    docs_sha = _write_atomic(os.path.join(out_dir, f"chunk_{i:05d}.jsonl"),
+                             lines.encode("utf-8"))
+    return {"file": f"chunk_{i:05d}.npy", "docs": f"chunk_{i:05d}.jsonl", "rows": len(batch),
+            "sha256": sha, "docs_sha256": docs_sha, "truncated": n_cut}
+
+
+def _check_same_build(meta: dict, settings: dict, identity: dict, out_dir: str,
+                      what: str) -> None:
+    """ValueError naming every difference between a recorded build and this one."""
+    diffs = _differences(meta, settings)
+    if meta.get("input", {}).get("sha256") != identity["sha256"]:
+        diffs.append(f"input: index was built from {meta.get('input', {}).get('source')} "
+                     f"(sha256 {meta.get('input', {}).get('sha256', '')[:12]}), this is "
+                     f"{identity['source']} (sha256 {identity['sha256'][:12]})")
+    if diffs:
+        raise ValueError(f"{out_dir} holds {what} of another input or model; delete it or "
+                         f"choose another directory. Differences: " + "; ".join(diffs))
+
+
 def build_index(model, docs: str | Sequence, out_dir: str, *, batch_size: int = 64,
                 chunk_size: int = 4096, dtype: str = "float32", mesh: Mesh | None = None,
-                max_chunks: int | None = None, progress: bool = True) -> "CorpusIndex | None":
+                max_chunks: int | None = None, progress: bool = True,
+                host: tuple[int, int] | None = None) -> "CorpusIndex | None":
     """Compresses every document of `docs` (a JSONL / .txt path, a list of strings or of
     {"id", "text"}) once with `model`'s encoder adapter and writes the index to out_dir.
 
     Resumes after the last complete chunk when out_dir holds a partial build of the same
     input with the same model and settings; refuses (ValueError naming what differs) when it
     holds another one. `max_chunks` stops after writing that many chunks in this call
-    (returns None if the index is not complete yet). Returns the opened index.
+    (returns None if the index is not complete yet). host (index, count), by default
+    (jax.process_index(), jax.process_count()): with count > 1 this process compresses
+    chunks index, index + count, ... and returns None while other hosts' chunks are missing
+    (see the module docstring). Returns the opened index.
     """
     if dtype not in STATE_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {STATE_DTYPES}")
@@ -224,23 +267,31 @@ def build_index(model, docs: str | Sequence, out_dir: str, *, batch_size: int = 
     os.makedirs(out_dir, exist_ok=True)
     meta = _read_meta(out_dir)
     if meta is not None:
-        diffs = _differences(meta, settings)
-        if meta.get("input", {}).get("sha256") != identity["sha256"]:
-            diffs.append(f"input: index was built from {meta.get('input', {}).get('source')} "
-                         f"(sha256 {meta.get('input', {}).get('sha256', '')[:12]}), this is "
-                         f"{identity['source']} (sha256 {identity['sha256'][:12]})")
-        if diffs:
-            raise ValueError(f"{out_dir} holds an index of another input or model; delete it "
-                             f"or choose another directory. Differences: " + "; ".join(diffs))
+        _check_same_build(meta, settings, identity, out_dir, "an index")
         if meta["complete"]:
             return open_index(out_dir, model, verify=False)
-    else:
+    host_index, host_count = host or (jax.process_index(), jax.process_count())
+    if not 0 <= host_index < host_count:
+        raise ValueError(f"host index {host_index} is not in [0, {host_count})")
+    other = sorted(f for f in os.listdir(out_dir) if f.startswith("host_") and
+                   f.endswith(".json") and not f.endswith(f"_of_{host_count:03d}.json"))
+    if other:
+        raise ValueError(f"{out_dir} holds a partial build on another number of hosts "
+                         f"({other[0]}); finish it with that many or delete it")
+    if host_count > 1:
+        if meta is not None:
+            raise ValueError(f"{out_dir} holds a partial one-host build; finish it on one "
+                             f"host or delete it")
+        return _build_host_share(model, rows, total, out_dir, settings, identity, host_index,
+                                 host_count, batch_size=batch_size, chunk_size=chunk_size,
+                                 dtype=dtype, mesh=mesh, max_chunks=max_chunks,
+                                 progress=progress)
+    if meta is None:
         meta = {"format": FORMAT_VERSION, **settings, "input": identity, "num_docs": 0,
                 "truncated_docs": 0, "complete": False, "chunks": []}
     done = meta["num_docs"]
     mesh = mesh or default_mesh()
     placed = _placed_params(model, mesh)
-    store = np.dtype(dtype)
     it = iter(rows)
     for _ in range(done):
         next(it)
@@ -255,20 +306,11 @@ def build_index(model, docs: str | Sequence, out_dir: str, *, batch_size: int = 
             if max_chunks is not None and written >= max_chunks:
                 return None
             batch = [next(it) for _ in range(min(chunk_size, total - done))]
-            states, n_cut = compress_texts(model, [d["text"] for d in batch],
-                                           batch_size=batch_size, mesh=mesh, placed=placed)
-            i = len(meta["chunks"])
-            buf = io.BytesIO()
-            np.save(buf, states.astype(store), allow_pickle=False)
-            sha = _write_atomic(os.path.join(out_dir, f"chunk_{i:05d}.npy"), buf.getvalue())
-            lines = "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in batch)
-            docs_sha = _write_atomic(os.path.join(out_dir, f"chunk_{i:05d}.jsonl"),
-                                     lines.encode("utf-8"))
+            entry = _write_chunk(model, batch, out_dir, len(meta["chunks"]), dtype,
+                                 batch_size=batch_size, mesh=mesh, placed=placed)
             done += len(batch)
-            meta["chunks"].append({"file": f"chunk_{i:05d}.npy", "docs": f"chunk_{i:05d}.jsonl",
-                                   "rows": len(batch), "sha256": sha, "docs_sha256": docs_sha,
-                                   "truncated": n_cut})
-            meta.update(num_docs=done, truncated_docs=meta["truncated_docs"] + n_cut,
+            meta["chunks"].append(entry)
+            meta.update(num_docs=done, truncated_docs=meta["truncated_docs"] + entry["truncated"],
                         complete=done == total)
             _write_atomic(os.path.join(out_dir, META), json.dumps(meta, indent=1).encode())
             written += 1
@@ -278,6 +320,82 @@ def build_index(model, docs: str | Sequence, out_dir: str, *, batch_size: int = 
         if bar is not None:
             bar.close()
     return open_index(out_dir, model, verify=False)
+
+
+def _host_file(out_dir: str, host_index: int, host_count: int) -> str:
+    return os.path.join(out_dir, f"host_{host_index:03d}_of_{host_count:03d}.json")
+
+
+def _build_host_share(model, rows: Iterable[dict], total: int, out_dir: str, settings: dict,
+                      identity: dict, host_index: int, host_count: int, *, batch_size: int,
+                      chunk_size: int, dtype: str, mesh: Mesh | None, max_chunks: int | None,
+                      progress: bool) -> "CorpusIndex | None":
+    """One host's share of a multi-host build (chunks i with i % host_count == host_index),
+    resumable through its host file; then meta.json once every host's chunks are recorded."""
+    path = _host_file(out_dir, host_index, host_count)
+    record = _read_json(path)
+    if record is None:
+        record = {"format": FORMAT_VERSION, **settings, "input": identity, "chunks": {}}
+    else:
+        _check_same_build(record, settings, identity, out_dir, f"a host file ({path})")
+    n_chunks = -(-total // chunk_size)
+    todo = {i for i in range(host_index, n_chunks, host_count) if str(i) not in record["chunks"]}
+    mesh = mesh or default_mesh()
+    placed = _placed_params(model, mesh)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), unit="chunk", dynamic_ncols=True, mininterval=1.0,
+                   desc=f"compress (host {host_index} of {host_count})")
+    it, written = iter(rows), 0
+    try:
+        for i in range(n_chunks):
+            batch = list(itertools.islice(it, chunk_size))
+            if i not in todo:
+                continue
+            if max_chunks is not None and written >= max_chunks:
+                break
+            record["chunks"][str(i)] = _write_chunk(model, batch, out_dir, i, dtype,
+                                                    batch_size=batch_size, mesh=mesh,
+                                                    placed=placed)
+            _write_atomic(path, json.dumps(record, indent=1).encode())
+            written += 1
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    distributed = jax.process_count() > 1
+    if distributed:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("clara_jax.index: chunks written")
+    if not distributed or jax.process_index() == 0:
+        _merge_host_files(out_dir, settings, identity, total, chunk_size, host_count)
+    if distributed:
+        multihost_utils.sync_global_devices("clara_jax.index: meta written")
+    meta = _read_meta(out_dir)
+    return open_index(out_dir, model, verify=False) if meta and meta["complete"] else None
+
+
+def _merge_host_files(out_dir: str, settings: dict, identity: dict, total: int,
+                      chunk_size: int, host_count: int) -> bool:
+    """Writes meta.json from the host files if together they record every chunk; returns
+    whether it did."""
+    entries: dict[int, dict] = {}
+    for h in range(host_count):
+        record = _read_json(_host_file(out_dir, h, host_count))
+        if record is None:
+            return False
+        entries.update({int(i): e for i, e in record["chunks"].items()})
+    n_chunks = -(-total // chunk_size)
+    if sorted(entries) != list(range(n_chunks)):
+        return False
+    chunks = [entries[i] for i in range(n_chunks)]
+    meta = {"format": FORMAT_VERSION, **settings, "input": identity, "num_docs": total,
+            "truncated_docs": sum(c["truncated"] for c in chunks), "complete": True,
+            "chunks": chunks}
+    _write_atomic(os.path.join(out_dir, META), json.dumps(meta, indent=1).encode())
+    return True
 
 
 # -- reading -------------------------------------------------------------------------------------
