@@ -278,124 +278,108 @@ def build_index(model, docs: str | Sequence, out_dir: str, *, batch_size: int = 
     if other:
         raise ValueError(f"{out_dir} holds a partial build on another number of hosts "
                          f"({other[0]}); finish it with that many or delete it")
-    if host_count > 1:
-        if meta is not None:
-            raise ValueError(f"{out_dir} holds a partial one-host build; finish it on one "
-                             f"host or delete it")
-        return _build_host_share(model, rows, total, out_dir, settings, identity, host_index,
-                                 host_count, batch_size=batch_size, chunk_size=chunk_size,
-                                 dtype=dtype, mesh=mesh, max_chunks=max_chunks,
-                                 progress=progress)
-    if meta is None:
-        meta = {"format": FORMAT_VERSION, **settings, "input": identity, "num_docs": 0,
-                "truncated_docs": 0, "complete": False, "chunks": []}
-    done = meta["num_docs"]
-    mesh = mesh or default_mesh()
-    placed = _placed_params(model, mesh)
-    it = iter(rows)
-    for _ in range(done):
-        next(it)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=done, unit="doc", desc="compress", dynamic_ncols=True,
-                   mininterval=1.0)
-    written = 0
-    try:
-        while done < total:
-            if max_chunks is not None and written >= max_chunks:
-                return None
-            batch = [next(it) for _ in range(min(chunk_size, total - done))]
-            entry = _write_chunk(model, batch, out_dir, len(meta["chunks"]), dtype,
-                                 batch_size=batch_size, mesh=mesh, placed=placed)
-            done += len(batch)
-            meta["chunks"].append(entry)
-            meta.update(num_docs=done, truncated_docs=meta["truncated_docs"] + entry["truncated"],
-                        complete=done == total)
-            _write_atomic(os.path.join(out_dir, META), json.dumps(meta, indent=1).encode())
-            written += 1
-            if bar is not None:
-                bar.update(len(batch))
-    finally:
-        if bar is not None:
-            bar.close()
-    return open_index(out_dir, model, verify=False)
-
-
-def _host_file(out_dir: str, host_index: int, host_count: int) -> str:
-    return os.path.join(out_dir, f"host_{host_index:03d}_of_{host_count:03d}.json")
-
-
-def _build_host_share(model, rows: Iterable[dict], total: int, out_dir: str, settings: dict,
-                      identity: dict, host_index: int, host_count: int, *, batch_size: int,
-                      chunk_size: int, dtype: str, mesh: Mesh | None, max_chunks: int | None,
-                      progress: bool) -> "CorpusIndex | None":
-    """One host's share of a multi-host build (chunks i with i % host_count == host_index),
-    resumable through its host file; then meta.json once every host's chunks are recorded."""
-    path = _host_file(out_dir, host_index, host_count)
-    record = _read_json(path)
-    if record is None:
-        record = {"format": FORMAT_VERSION, **settings, "input": identity, "chunks": {}}
-    else:
-        _check_same_build(record, settings, identity, out_dir, f"a host file ({path})")
+    if host_count > 1 and meta is not None:
+        raise ValueError(f"{out_dir} holds a partial one-host build; finish it on one host "
+                         f"or delete it")
     n_chunks = -(-total // chunk_size)
-    todo = {i for i in range(host_index, n_chunks, host_count) if str(i) not in record["chunks"]}
-    mesh = mesh or default_mesh()
-    placed = _placed_params(model, mesh)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(todo), unit="chunk", dynamic_ncols=True, mininterval=1.0,
-                   desc=f"compress (host {host_index} of {host_count})")
-    it, written = iter(rows), 0
-    try:
-        for i in range(n_chunks):
-            batch = list(itertools.islice(it, chunk_size))
-            if i not in todo:
-                continue
-            if max_chunks is not None and written >= max_chunks:
-                break
-            record["chunks"][str(i)] = _write_chunk(model, batch, out_dir, i, dtype,
-                                                    batch_size=batch_size, mesh=mesh,
-                                                    placed=placed)
-            _write_atomic(path, json.dumps(record, indent=1).encode())
-            written += 1
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+    kw = dict(batch_size=batch_size, chunk_size=chunk_size, dtype=dtype,
+              mesh=mesh or default_mesh(), max_chunks=max_chunks, progress=progress)
+
+    if host_count == 1:
+        # meta.json is the record: its chunks are always the first ones, in order.
+        if meta is None:
+            meta = {"format": FORMAT_VERSION, **settings, "input": identity, "num_docs": 0,
+                    "truncated_docs": 0, "complete": False, "chunks": []}
+
+        def record(i: int, entry: dict) -> None:
+            meta["chunks"].append(entry)
+            meta.update(num_docs=meta["num_docs"] + entry["rows"],
+                        truncated_docs=meta["truncated_docs"] + entry["truncated"],
+                        complete=len(meta["chunks"]) == n_chunks)
+            _write_atomic(os.path.join(out_dir, META), json.dumps(meta, indent=1).encode())
+
+        todo = range(len(meta["chunks"]), n_chunks)
+        _compress_chunks(model, rows, total, todo, out_dir, record, desc="compress", **kw)
+        return open_index(out_dir, model, verify=False) if meta["complete"] else None
+
+    # Several hosts: each records its chunks in its own host file.
+    path = _host_file(out_dir, host_index, host_count)
+    host_record = _read_json(path)
+    if host_record is None:
+        host_record = {"format": FORMAT_VERSION, **settings, "input": identity, "chunks": {}}
+    else:
+        _check_same_build(host_record, settings, identity, out_dir, f"a host file ({path})")
+
+    def record(i: int, entry: dict) -> None:
+        host_record["chunks"][str(i)] = entry
+        _write_atomic(path, json.dumps(host_record, indent=1).encode())
+
+    todo = [i for i in range(host_index, n_chunks, host_count)
+            if str(i) not in host_record["chunks"]]
+    _compress_chunks(model, rows, total, todo, out_dir, record,
+                     desc=f"compress (host {host_index} of {host_count})", **kw)
     distributed = jax.process_count() > 1
     if distributed:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("clara_jax.index: chunks written")
     if not distributed or jax.process_index() == 0:
-        _merge_host_files(out_dir, settings, identity, total, chunk_size, host_count)
+        _merge_host_files(out_dir, settings, identity, total, n_chunks, host_count)
     if distributed:
         multihost_utils.sync_global_devices("clara_jax.index: meta written")
     meta = _read_meta(out_dir)
     return open_index(out_dir, model, verify=False) if meta and meta["complete"] else None
 
 
+def _compress_chunks(model, rows: Iterable[dict], total: int, todo: Sequence[int],
+                     out_dir: str, record, *, batch_size: int, chunk_size: int, dtype: str, mesh: Mesh,
+                     max_chunks: int | None, progress: bool, desc: str) -> None:
+    """Compresses and writes the chunks `todo` (ascending indices; chunk i = rows
+    i * chunk_size ..), calling record(i, entry) after each; stops after max_chunks. The bar
+    counts documents (docs/s)."""
+    wanted = set(list(todo)[:max_chunks])
+    if not wanted:
+        return
+    placed = _placed_params(model, mesh)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        docs = sum(min(chunk_size, total - i * chunk_size) for i in wanted)
+        bar = tqdm(total=docs, unit="doc", desc=desc, dynamic_ncols=True,
+                   mininterval=1.0)
+    it = iter(rows)
+    try:
+        for i in range(max(wanted) + 1):
+            batch = list(itertools.islice(it, chunk_size))
+            if i in wanted:
+                record(i, _write_chunk(model, batch, out_dir, i, dtype, batch_size=batch_size,
+                                       mesh=mesh, placed=placed))
+                if bar is not None:
+                    bar.update(len(batch))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _host_file(out_dir: str, host_index: int, host_count: int) -> str:
+    return os.path.join(out_dir, f"host_{host_index:03d}_of_{host_count:03d}.json")
+
+
 def _merge_host_files(out_dir: str, settings: dict, identity: dict, total: int,
-                      chunk_size: int, host_count: int) -> bool:
-    """Writes meta.json from the host files if together they record every chunk; returns
-    whether it did."""
+                      n_chunks: int, host_count: int) -> None:
+    """Writes meta.json from the host files once together they record every chunk."""
     entries: dict[int, dict] = {}
     for h in range(host_count):
-        record = _read_json(_host_file(out_dir, h, host_count))
-        if record is None:
-            return False
-        entries.update({int(i): e for i, e in record["chunks"].items()})
-    n_chunks = -(-total // chunk_size)
+        host_record = _read_json(_host_file(out_dir, h, host_count))
+        if host_record is None:
+            return
+        entries.update({int(i): e for i, e in host_record["chunks"].items()})
     if sorted(entries) != list(range(n_chunks)):
-        return False
+        return
     chunks = [entries[i] for i in range(n_chunks)]
     meta = {"format": FORMAT_VERSION, **settings, "input": identity, "num_docs": total,
             "truncated_docs": sum(c["truncated"] for c in chunks), "complete": True,
             "chunks": chunks}
     _write_atomic(os.path.join(out_dir, META), json.dumps(meta, indent=1).encode())
-    return True
 
 
 # -- reading -------------------------------------------------------------------------------------
