@@ -132,6 +132,10 @@ class Clara:
         # Generation prefills the tokens every prompt of a batch starts with (the instruction
         # text, up to the first memory slot) once, not once per row (`decode.split_shared_prefix`).
         self.share_prefix = share_prefix
+        # Tokens of the text every answer prompt starts with: how much of a text prompt is
+        # shared (`_split_prefix`).
+        self._system_prefix_length = len(tokenizer.encode(prompts.system_prefix(
+            prompts.SYSTEM_ANSWER, bos=tokenizer.bos_token)))
         self._merged: tuple[tuple, dict] | None = None
 
     # -- construction and storage ------------------------------------------------------
@@ -298,8 +302,7 @@ class Clara:
         if mem.shape[1]:
             limit = int((mem[:, 0] - (ids.shape[1] - mask.sum(1))).min())
         else:
-            limit = len(self.tokenizer.encode(prompts.system_prefix(
-                prompts.SYSTEM_ANSWER, bos=self.tokenizer.bos_token)))
+            limit = self._system_prefix_length
         prefix, ids_s, mask_s = decode.split_shared_prefix(ids, mask, limit, self.length_bucket)
         if prefix.shape[1] == 0:
             return ids, mask, mem, None

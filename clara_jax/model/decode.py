@@ -60,21 +60,19 @@ def split_shared_prefix(ids: np.ndarray, mask: np.ndarray, limit: int | None = N
     ids, mask = np.asarray(ids), np.asarray(mask).astype(bool)
     t = ids.shape[1]
     lengths = mask.sum(1)
+    starts = t - lengths  # first real column of each row (left padding)
     shortest = int(lengths.min())
-    # Every row's first `shortest` real tokens, aligned (left padding: a row of length n
-    # starts at column t - n).
-    rows = np.stack([ids[i, t - n:t - n + shortest] for i, n in enumerate(lengths)])
+    # Every row's first `shortest` real tokens, aligned.
+    rows = np.take_along_axis(ids, starts[:, None] + np.arange(shortest), axis=1)
     same = np.all(rows == rows[:1], axis=0)
-    p = int(np.argmin(same)) if not same.all() else shortest
-    p = min(p, shortest - 1, limit if limit is not None else p)
-    p = max(p, 0)
+    p = shortest if same.all() else int(np.argmin(same))
+    p = max(0, min(p, shortest - 1, t if limit is None else limit))
     rest = int((lengths - p).max())
     s = min(t, max(bucket, -(-rest // bucket) * bucket))
-    starts = t - lengths  # first real column of each row
     cols = np.arange(t - s, t)
     suffix_mask = mask[:, t - s:] & (cols[None, :] >= (starts + p)[:, None])
-    return rows[:1, :p].astype(np.int32), ids[:, t - s:].astype(np.int32), \
-        suffix_mask.astype(np.int32)
+    return (rows[:1, :p].astype(np.int32), ids[:, t - s:].astype(np.int32),
+            suffix_mask.astype(np.int32))
 
 
 def select_token(logits: jax.Array, rng: jax.Array, temperature: float, top_p: float
@@ -123,14 +121,15 @@ def generate(model: Mistral, variables: dict, *, input_ids: jax.Array | None = N
     if rng is None:
         rng = jax.random.key(0)
     offset = 0 if prefix_ids is None else prefix_ids.shape[1]
-    cache = init_cache(model.config, batch, offset + length + max_new_tokens)
+    size = offset + length + max_new_tokens
     if offset:
-        pre = model.apply(variables, prefix_ids,
-                          kv_cache=init_cache(model.config, 1, cache["valid"].shape[1]),
+        pre = model.apply(variables, prefix_ids, kv_cache=init_cache(model.config, 1, size),
                           compute_logits=False).kv_cache
         cache = {"k": jnp.repeat(pre["k"], batch, axis=1),
                  "v": jnp.repeat(pre["v"], batch, axis=1),
                  "valid": jnp.repeat(pre["valid"], batch, axis=0), "index": pre["index"]}
+    else:
+        cache = init_cache(model.config, batch, size)
     out = model.apply(variables, input_ids, inputs_embeds=inputs_embeds,
                       attention_mask=attention_mask,
                       positions=offset + prompt_positions(attention_mask),

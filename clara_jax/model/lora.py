@@ -112,8 +112,9 @@ class Linear(nn.Module):
                 lambda: jnp.zeros((self.lora.rank, *self.features), self.param_dtype),
                 (None, *out_axes))).value
             rank = a.shape[-1]
-            h = x2 if self.deterministic else dropout(x2, self.lora.dropout,
-                                                        self.make_rng("dropout"))
+            h = x2
+            if not self.deterministic and self.lora.dropout > 0:  # no rng needed otherwise
+                h = dropout(x2, self.lora.dropout, self.make_rng("dropout"))
             h = h @ a.reshape(fan_in, rank).astype(self.dtype)
             y = y + (h @ b.reshape(rank, fan_out).astype(self.dtype)) * (self.lora.alpha / rank)
         return y.reshape(*lead, *self.features)
