@@ -7,6 +7,14 @@ WORKDIR ?= workdir/demo
 
 .PHONY: demo test test-fast install clean
 
+# glibc malloc on CPU: XLA frees and reallocates each step's temporary buffer (452 MB for the
+# demo's stage-1 step); above glibc's mmap threshold that is a fresh mmap whose every page
+# faults in again, a quarter of the step's time. One arena, no mmap and a high trim threshold
+# keep the memory in the heap: 1.2x faster tiny-model steps, identical numbers.
+export MALLOC_ARENA_MAX ?= 1
+export MALLOC_MMAP_MAX_ ?= 0
+export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -260,9 +260,12 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 1
 
 
 def load_line() -> str:
-    """`uptime`'s load averages and the core count, for the tables' captions."""
+    """`uptime`'s load averages, the core count and the malloc setting, for the tables'
+    captions."""
+    from clara_jax import cpu_malloc
     one, five, fifteen = os.getloadavg()
-    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} on {os.cpu_count()} cores"
+    return (f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} on {os.cpu_count()} cores; "
+            f"{cpu_malloc.describe()}")
 
 
 def documents_of_tokens(tok, n_docs: int, n_tokens: int, seed: int = 0) -> list[str]:

@@ -19,6 +19,9 @@ def main(argv):
     if FLAGS.multihost:
         import jax
         jax.distributed.initialize()
+    import jax
+    from clara_jax import cpu_malloc
+    cpu_malloc.warn_if_unset(jax.default_backend())
     from clara_jax.train.train import train
     summary = train(FLAGS.config, FLAGS.workdir)
     print(summary)

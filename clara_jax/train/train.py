@@ -450,7 +450,6 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     previous = signal.signal(signal.SIGTERM, lambda s, f: stop.update(signal=s))
     writer = _summary_writer(workdir)
     batch_sharding = lambda ndim: parallel.batch_sharding(mesh, ndim)
-    history: list[dict] = []
     truncation = {"epoch": -1, "truncated_docs": 0, "truncated_prompts": 0}
     last: dict[str, Any] = {}
     t_last, steps_since, tokens_since, flops_since = time.time(), 0, 0, 0.0
@@ -493,7 +492,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                            "truncated_prompts_epoch": truncation["truncated_prompts"]}
                     if pos_mask is not None and "topk_indices" in m:
                         row.update(_retrieval_metrics(np.asarray(m["topk_indices"]), pos_mask))
-                    history.append(row)
+                    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+                        f.write(json.dumps(row) + "\n")   # as it goes: progress, crashes
                     last = row
                     _log(writer, row, "train")
                     progress(done, row)
@@ -526,8 +526,6 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
         summary["model_dir"] = os.path.join(workdir, "model")
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in history)
     return summary
 
 
