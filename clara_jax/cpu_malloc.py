@@ -33,8 +33,8 @@ def heap_malloc_set(environ=None) -> bool:
 
 def describe(environ=None) -> str:
     """A caption for benchmark tables: which malloc setting the process runs under."""
+    environ = os.environ if environ is None else environ
     if heap_malloc_set(environ):
-        environ = os.environ if environ is None else environ
         return "glibc malloc: " + " ".join(f"{k}={environ[k]}" for k in HEAP_MALLOC_ENV)
     return "glibc malloc: default (per-step buffers mmapped afresh)"
 

@@ -44,6 +44,7 @@ flags.DEFINE_string("resolved_config", "", "Internal: the demo config as JSON (w
 flags.DEFINE_string("cpus", "", "Internal: CPUs to pin the --train_rate process to (0,1,...).")
 FLAGS = flags.FLAGS
 
+CLARA_STAGES = ("stage1", "stage2", "stage3")   # trained at each rate, in this order
 STAGE_FILES = {"base": "pretrain_base_tiny.py", "stage1": "stage1_pretrain.py",
                "stage2": "stage2_instruct.py", "stage3": "stage3_end_to_end.py"}
 
@@ -205,7 +206,7 @@ def train_rate(cfg, worlds: dict[str, list[str]], rate: int, base: str, workdir:
     """Stages 1, 2 and 3 at one compression rate, each from the previous stage's model;
     returns {"stage1": model_dir, "stage2": ..., "stage3": ...}."""
     prev, models = base, {}
-    for name in ("stage1", "stage2", "stage3"):
+    for name in CLARA_STAGES:
         wd = os.path.join(workdir, f"rate{rate}", name)
         prev = models[name] = run_stage(stage_config(cfg, name, worlds, rate, prev), wd)
     return models
@@ -226,7 +227,7 @@ def _stage_progress(workdir: str, rates: list[int]) -> int:
     summary.json once done, else the last row of its metrics.jsonl)."""
     done = 0
     for rate in rates:
-        for name in ("stage1", "stage2", "stage3"):
+        for name in CLARA_STAGES:
             wd = os.path.join(workdir, f"rate{rate}", name)
             try:
                 done += json.load(open(os.path.join(wd, "summary.json")))["steps"]
@@ -242,22 +243,23 @@ def _stage_progress(workdir: str, rates: list[int]) -> int:
     return done
 
 
-def train_rates_in_parallel(cfg, rates: list[int], workdir: str) -> None:
+def train_rates_in_parallel(cfg, rates: list[int], workdir: str,
+                            groups: list[list[int]]) -> None:
     """Trains the rates' stages in concurrent processes (`python -m clara_jax.demo
-    --train_rate=R`), each pinned to its own share of this process's CPUs: on a 2-core CPU
-    two one-core processes did 1.2x the work of one two-core process on the tiny model
-    (stage 1: 14,500 against 11,900 tokens/s). Numbers differ from a run with another thread
+    --train_rate=R`), at most one per CPU group of `groups` (`cpu_groups`; an empty group
+    is not pinned), each pinned to its group: on a 2-core CPU two one-core processes did
+    1.2x the work of one two-core process on the tiny model (stage 1: 14,500 against 11,900
+    tokens/s). Numbers differ from a run with another thread
     count in float rounding only (a reduction split over threads adds in another order).
     Each process logs to `<workdir>/rate<R>/train.log`; a progress bar follows their steps.
     Raises RuntimeError naming the rate and its log if a process fails."""
     import subprocess
     from tqdm import tqdm
 
-    groups = cpu_groups(len(rates))
     config_path = os.path.join(workdir, "demo_config.json")
     with open(config_path, "w") as f:
         f.write(cfg.to_json(indent=2))
-    total = len(rates) * sum(cfg[name].steps for name in ("stage1", "stage2", "stage3"))
+    total = len(rates) * sum(cfg[name].steps for name in CLARA_STAGES)
     pending = list(rates)
     running: dict[int, tuple[subprocess.Popen, str, Any, int]] = {}
     free = list(range(len(groups)))
@@ -422,8 +424,9 @@ def run(cfg, workdir: str) -> dict:
     worlds = make_worlds(cfg, workdir)
     write_base_text(worlds["base"], os.path.join(workdir, "data", "base_text.jsonl"))
     base = run_stage(stage_config(cfg, "base", worlds, None, ""), os.path.join(workdir, "base"))
-    if cfg.parallel_rates and len(rates) > 1 and len(cpu_groups(len(rates))) > 1:
-        train_rates_in_parallel(cfg, rates, workdir)   # then the loop below reuses them
+    groups = cpu_groups(len(rates)) if cfg.parallel_rates else [[]]
+    if len(groups) > 1:
+        train_rates_in_parallel(cfg, rates, workdir, groups)   # the loop below reuses them
     models = {rate: train_rate(cfg, worlds, rate, base, workdir) for rate in rates}
     print("== evaluation on held-out entities", flush=True)
     rows = evaluate_models(cfg, os.path.join(worlds["clara"][0], "eval.jsonl"), models)

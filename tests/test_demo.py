@@ -55,7 +55,7 @@ def test_a_failing_rate_process_is_named_with_its_log(tmp_path):
     with the rate, the exit code and its log's last lines."""
     cfg = _demo_config(rates="2,4")
     with pytest.raises(RuntimeError, match=r"rate (\d): stages 1-3 failed .*rate\1/train.log"):
-        demo.train_rates_in_parallel(cfg, [2, 4], str(tmp_path))
+        demo.train_rates_in_parallel(cfg, [2, 4], str(tmp_path), [[], []])
 
 
 @pytest.mark.slow
