@@ -338,14 +338,37 @@ def test_mfu_is_model_flops_over_the_peak_of_every_device():
     assert train_lib._mfu(4e12, 1e12) == {"mfu": pytest.approx(4.0 / n)}
 
 
+def test_lora_dropout_mask_has_no_structure():
+    """The hashed keep-mask behaves as independent Bernoulli draws: the rate holds at 0.1 and
+    0.5 and per row, neighbouring elements, neighbouring rows, the same element under two
+    keys and two leading axes are uncorrelated (|r| below 5 standard errors), and a row of
+    2^32 elements is refused before anything is allocated."""
+    from clara_jax.model import lora
+    for rate in (0.1, 0.5):
+        m = np.asarray(lora.dropout_keep_mask((2048, 1024), rate, jax.random.key(3)), float)
+        assert abs(m.mean() - (1 - rate)) < 5 * np.sqrt(rate * (1 - rate) / m.size)
+        per_row = m.mean(axis=1)          # 1024 draws a row: rows are not offset copies
+        assert per_row.std() < 1.5 * np.sqrt(rate * (1 - rate) / m.shape[1])
+        se = 5 / np.sqrt(m.size)
+        assert abs(np.corrcoef(m[:, :-1].ravel(), m[:, 1:].ravel())[0, 1]) < se
+        assert abs(np.corrcoef(m[:-1].ravel(), m[1:].ravel())[0, 1]) < se
+        other = np.asarray(lora.dropout_keep_mask((2048, 1024), rate, jax.random.key(4)), float)
+        assert abs(np.corrcoef(m.ravel(), other.ravel())[0, 1]) < se
+    m3 = np.asarray(lora.dropout_keep_mask((16, 128, 256), 0.1, jax.random.key(5)), float)
+    assert abs(np.corrcoef(m3[:-1].ravel(), m3[1:].ravel())[0, 1]) < 5 / np.sqrt(m3.size)
+    with pytest.raises(ValueError, match="shorter than 2\\^32"):
+        lora.dropout_keep_mask((1, 2**32), 0.1, jax.random.key(0))
+
+
 def test_lora_dropout_rate_scale_and_use():
-    """LoRA dropout zeroes 10% of the adapter input (16-bit draws) and scales the rest by
-    1/0.9; Linear applies it only when not deterministic, with the `dropout` rng."""
+    """LoRA dropout zeroes 10% of the adapter input and scales the rest by 1/0.9;
+    Linear applies it only when not deterministic, with the `dropout` rng."""
     from clara_jax.model import lora
     x = jnp.ones((1000, 512))
     y = np.asarray(lora.dropout(x, 0.1, jax.random.key(0)))
     assert abs((y == 0).mean() - 0.1) < 0.003  # 512,000 draws: 7 standard deviations
     np.testing.assert_allclose(np.unique(y), [0.0, 1 / 0.9], rtol=1e-6)
+    np.testing.assert_array_equal(y, np.asarray(lora.dropout(x, 0.1, jax.random.key(0))))
     assert not np.array_equal(y, np.asarray(lora.dropout(x, 0.1, jax.random.key(1))))
     assert lora.dropout(x, 0.0, jax.random.key(0)) is x
     cfg = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.5)
