@@ -107,3 +107,40 @@ def test_activation_constraints_take_effect_and_the_lookup_keeps_the_batch_shard
     np.testing.assert_array_equal(np.asarray(out), np.asarray(table)[np.asarray(ids)])
     # Without the gather each device would hold all 8 rows and 2 of the 16 features.
     assert out.addressable_shards[0].data.shape == (1, 5, 16)
+
+
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2)])
+def test_lora_dropout_masks_do_not_depend_on_the_mesh(shape):
+    """With LoRA dropout on, the sharded loss and adapter gradients equal the unsharded ones
+    for the same `dropout` rng: the keep-mask (per-row threefry keys, hashed column index) is
+    a function of the global element, not of the shard, so a run resumed on another mesh
+    draws the same masks."""
+    cfg = preset("tiny").replace(num_heads=8, num_kv_heads=8)
+    lcfg = LoraConfig(rank=4, alpha=8.0, dropout=0.3)
+    model = Mistral(cfg, lcfg)
+    ids = jnp.asarray(np.random.RandomState(1).randint(0, cfg.vocab_size, (8, 16)))
+    variables = nn.meta.unbox(model.init(jax.random.key(0), ids))
+    # lora_b starts at zero, which would hide the adapter path from the loss.
+    adapter = jax.tree_util.tree_map(lambda t: t + 0.05, variables["lora"])
+
+    def loss(a, p, x, rng):
+        out = model.apply({"params": p, "lora": a}, x, deterministic=False,
+                          rngs={"dropout": rng})
+        return jnp.mean(out.logits ** 2)
+
+    rng = jax.random.key(7)
+    grad = jax.value_and_grad(loss)
+    ref_v, ref_g = jax.jit(grad)(adapter, variables["params"], ids, rng)
+    _, other_g = jax.jit(grad)(adapter, variables["params"], ids, jax.random.key(8))
+    rel = lambda a, b: float(jnp.abs(a - b).max() / jnp.abs(b).max())
+    moved = jax.tree_util.tree_map(rel, other_g, ref_g)
+    assert min(jax.tree_util.tree_leaves(moved)) > 0.01    # other masks, other gradients
+    mesh = parallel.make_mesh(shape)
+    fitted, _ = parameter_shardings(cfg, lcfg, mesh)
+    x = jax.device_put(ids, parallel.batch_sharding(mesh, 2))
+    with parallel.axis_rules(mesh):
+        v, g = jax.jit(grad, out_shardings=(None, fitted["lora"]))(
+            jax.device_put(adapter, fitted["lora"]),
+            jax.device_put(variables["params"], fitted["params"]), x, rng)
+    assert float(v) == pytest.approx(float(ref_v), rel=1e-5)
+    assert max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(rel, g, ref_g))) < 1e-4
