@@ -109,7 +109,7 @@ def test_the_demo_pipeline_runs_and_resumes_on_a_micro_config(tmp_path):
 
 @pytest.mark.slow
 def test_make_demo_passes_its_own_check(tmp_path):
-    """The embedded default, as `make demo` runs it (one CPU device per process, about 16
+    """The embedded default, as `make demo` runs it (one CPU device per process, about 15
     minutes on 2 cores): it must exit 0, i.e. at every rate compressed F1 (oracle) is above
     closed book and stage 3 raised Recall@1."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
