@@ -62,6 +62,8 @@ def base_config(stage: str, model: str) -> ml_collections.ConfigDict:
     c.temperature = 0.02
     c.retrieval_temperature = 0.02
     c.lora_rank = 16
+    c.lora_alpha = ml_collections.config_dict.placeholder(float)   # None: 2 x lora_rank
+    c.lora_dropout = 0.1       # on the adapters' input, in training only (with c.dropout)
     # Also train the memory tokens' embedding rows (<MEM0..n-1>; not <AE>/<ENC>/<SEP>, not
     # lm_head), as the official training script does (it sets it on).
     c.optimize_mem_tokens = False
@@ -77,6 +79,11 @@ def base_config(stage: str, model: str) -> ml_collections.ConfigDict:
     # {workdir}/candidate_cache and gather its states in the step instead of running the
     # frozen encoder; False recompresses every step with LoRA dropout, as officially.
     c.end_to_end.cache_candidates = True
+    # The query reasoner at the start: "" keeps the start's (copies the encoder when it has
+    # none, as officially); "encoder" copies the encoder's adapter, its LoRA B times
+    # query_reasoner_init_scale (below 1: a weakened warm start).
+    c.end_to_end.query_reasoner_init = ""
+    c.end_to_end.query_reasoner_init_scale = 1.0
 
     c.data = ml_collections.ConfigDict()
     c.data.train_files = ""    # JSONL paths or globs; empty: the synthetic corpus (generated)

@@ -13,4 +13,6 @@ def get_config(arg: str = ""):
     c.learning_rate = 3e-3
     c.max_len = 128
     c.vocab_size = 1024        # sentencepiece model trained on the synthetic text
+    # A file of words (whitespace separated) the tokenizer keeps as single pieces; empty: none.
+    c.whole_words = ""
     return c

@@ -91,6 +91,18 @@ def test_text_format_reads_ids_and_multiline_text(tmp_path):
     assert len(report.skipped) == 1
 
 
+def test_text_prompt_must_be_a_proper_prefix_of_its_text(tmp_path):
+    path = tmp_path / "lm.jsonl"
+    path.write_text('{"text": "Q: where? A: zan", "prompt": "Q: where? A:"}\n'
+                    '{"text": "Q: where? A: zan", "prompt": "Q: who?"}\n'
+                    '{"text": "Q: where?", "prompt": "Q: where?"}\n')
+    recs, report = read_jsonl(str(path), "text", skip_invalid=True)
+    assert [r.get("prompt") for r in recs] == ["Q: where? A:"]
+    assert len(report.skipped) == 2
+    with pytest.raises(DataError, match=r"lm.jsonl:2: prompt: must be a proper prefix of text"):
+        read_jsonl(str(path), "text")
+
+
 def test_eval_rows_score_against_golden_answers_first(tmp_path):
     row = {"question": "q?", "docs": ["d1", "d2"], "answer": "a", "golden_answers": ["b", "c"]}
     path = tmp_path / "e.jsonl"

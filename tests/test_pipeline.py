@@ -200,3 +200,31 @@ def test_pack_text_never_splits_a_text_and_ignores_padding(tok):
     assert (batch["labels"][pad] == prompts.IGNORE_INDEX).all()
     assert (batch["ids"][pad] == tok.pad_id).all()
     np.testing.assert_array_equal(batch["ids"][~pad], rows[:4][~pad])
+
+def test_pack_text_prompts_are_context_without_loss(tok):
+    """A text with a prompt: its prompt tokens keep their ids in `ids` but get no label; the
+    rest (answer and </s>) is labelled; a text without a prompt is labelled throughout."""
+    prompt = prompts.mistral_chat("who", "where was ana born")
+    text = prompts.mistral_chat("who", "where was ana born", "zan")
+    plain = "ana was born in zan"
+    rows = pipeline.pack_text([text, plain], tok, 64, [prompt, None])
+    batch = next(iter(pipeline.text_dataset(rows, batch_size=1, pad_id=tok.pad_id,
+                                            shuffle=False)))
+    ids_text, ids_plain = tok.encode(text), tok.encode(plain, add_bos=True, add_eos=True)
+    n_prompt = len(tok.encode(prompt))
+    n = len(ids_text) + len(ids_plain)
+    np.testing.assert_array_equal(batch["ids"][0, :n], ids_text + ids_plain)
+    labels = batch["labels"][0]
+    assert (labels[:n_prompt] == prompts.IGNORE_INDEX).all()
+    np.testing.assert_array_equal(labels[n_prompt:len(ids_text)], ids_text[n_prompt:])
+    np.testing.assert_array_equal(labels[len(ids_text):n], ids_plain)
+    assert (labels[n:] == prompts.IGNORE_INDEX).all()
+    # Without prompts the rows are exactly those of plain packing.
+    np.testing.assert_array_equal(pipeline.pack_text([text, plain], tok, 64),
+                                  pipeline.pack_text([text, plain], tok, 64, [None, None]))
+    cut = "ana wa"     # ends inside a word: its last piece is not one of the text's
+    assert tok.encode(plain)[:len(tok.encode(cut))] != tok.encode(cut)
+    with pytest.raises(ValueError, match="does not tokenize as the start of its text"):
+        pipeline.pack_text([plain], tok, 64, [cut])
+    with pytest.raises(ValueError, match="1 prompts for 2 texts"):
+        pipeline.pack_text([text, plain], tok, 64, [None])

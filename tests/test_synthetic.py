@@ -93,3 +93,34 @@ def test_without_multi_hop_every_question_has_one_gold_document(tmp_path):
     assert not any("founder of" in r["question"] for r in ins + e2e)
     with pytest.raises(ValueError, match="k=1"):
         synthetic.generate_corpus(str(tmp_path / "x"), seed=0, num_entities=40, k=1)
+
+
+def test_list_named_worlds_answer_in_whole_tokens(tmp_path):
+    """name_style="lists": names, places and years come from fixed lists, and a tokenizer
+    trained with `single_token_words` holds each answer word as one token, the same token in
+    the question's document (after a space, before punctuation): reading is copying."""
+    from clara_jax.clara.tokenizer import ClaraTokenizer, train_sentencepiece
+    out = tmp_path / "w"
+    synthetic.generate_corpus(str(out), seed=5, num_entities=80, num_candidates=8, k=1,
+                              multi_hop=False, questions_per_entity=4, name_style="lists")
+    words = synthetic.single_token_words()
+    assert len(set(words)) == len(words)
+    lines = open(out / "pretrain_text.txt").read().splitlines()
+    tok = ClaraTokenizer.from_file(train_sentencepiece(lines, str(tmp_path / "sp"), 900,
+                                                       whole_words=words), n_mem=2)
+    recs, _ = formats.read_jsonl(str(out / "end_to_end_eval.jsonl"), "end_to_end",
+                                 num_candidates=8)
+    assert recs
+    for r in recs:
+        answer, doc = r["answers"][0], r["docs"][r["pos_index"][0]]
+        ids = tok.encode(answer)
+        assert len(ids) == len(answer.split()) and set(answer.split()) <= set(words), answer
+        doc_ids = tok.encode(doc)
+        assert any(doc_ids[i:i + len(ids)] == ids for i in range(len(doc_ids))), (answer, doc)
+        assert not doc.startswith(tuple(words))   # a name never starts a document
+    world = synthetic.World(1, 20, 10, 8, 3, places_seed=7, name_style="lists")
+    assert {p["name"].split()[0] for p in world.people} <= set(words)
+    with pytest.raises(ValueError, match="name_style='lists' has too few names: cities 100"):
+        synthetic.World(1, 20, 10, 100, 3, name_style="lists")
+    with pytest.raises(ValueError, match="whole_words must be non-empty words"):
+        train_sentencepiece(lines, str(tmp_path / "sp2"), 900, whole_words=["two words"])

@@ -387,3 +387,60 @@ def test_lora_dropout_rate_scale_and_use():
         jax.random.split(jax.random.key(7), 4000))
     err = np.asarray(jnp.abs(outs.mean(0) - det))
     assert np.all(err < 5 * np.asarray(outs.std(0)) / np.sqrt(4000))
+
+
+def test_query_reasoner_starts_from_the_encoder_weakened_on_request():
+    """initial_query_reasoner: a start with a query reasoner keeps it; "encoder" copies the
+    encoder's adapter with its LoRA B scaled (A untouched); a start without one copies the
+    encoder, as the official code does."""
+    enc = {"layer": {"q_proj": {"lora_a": jnp.ones((2, 3)), "lora_b": jnp.full((3, 2), 2.0)}}}
+    own = jax.tree_util.tree_map(jnp.zeros_like, enc)
+    c = config("configs/stage3_end_to_end.py")
+    kept = train_lib.initial_query_reasoner(c, {"encoder": enc, "query_reasoner": own})
+    assert kept["query_reasoner"] is own
+    c.end_to_end.query_reasoner_init = "encoder"
+    c.end_to_end.query_reasoner_init_scale = 0.25
+    weak = train_lib.initial_query_reasoner(c, {"encoder": enc, "query_reasoner": own})
+    q = weak["query_reasoner"]["layer"]["q_proj"]
+    np.testing.assert_array_equal(q["lora_a"], enc["layer"]["q_proj"]["lora_a"])
+    np.testing.assert_array_equal(q["lora_b"], 0.5 * np.ones((3, 2)))
+    assert weak["encoder"] is enc
+    c = config("configs/stage3_end_to_end.py")
+    copied = train_lib.initial_query_reasoner(c, {"encoder": enc})
+    np.testing.assert_array_equal(copied["query_reasoner"]["layer"]["q_proj"]["lora_b"],
+                                  enc["layer"]["q_proj"]["lora_b"])
+    c.end_to_end.query_reasoner_init = "decoder"
+    with pytest.raises(ValueError, match="query_reasoner_init: must be '' or 'encoder'"):
+        train_lib.initial_query_reasoner(c, {"encoder": enc})
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("lora_alpha", -1.0, "lora_alpha: must be positive"),
+    ("lora_dropout", 1.0, r"lora_dropout: must be in \[0, 1\)"),
+])
+def test_lora_fields_are_validated(field, value, message):
+    c = config()
+    c[field] = value
+    with pytest.raises(ValueError, match=message):
+        train_lib.validate_config(c, n_devices=8)
+
+
+@pytest.mark.slow
+def test_lora_alpha_and_dropout_fields_change_the_trained_adapters(tmp_path):
+    """config.lora_alpha and config.lora_dropout reach the model: the exported adapters
+    record them, and three steps from the same start give other adapters with either
+    changed; the default is the official alpha = 2r, dropout 0.1."""
+    from clara_jax import Clara
+    runs = {"default": {}, "alpha": {"lora_alpha": 2.0}, "dropout": {"lora_dropout": 0.0}}
+    models = {}
+    for name, extra in runs.items():
+        tiny_run(tmp_path / name, "configs/stage1_pretrain.py", 3, learning_rate=1e-3,
+                 doc_max_length=32, max_len=256, lora_rank=4, **extra)
+        models[name] = Clara.load(str(tmp_path / name))
+    lora = {n: m.config.lora for n, m in models.items()}
+    assert (lora["default"].alpha, lora["default"].dropout) == (8.0, 0.1)   # 2 x rank 4
+    assert lora["alpha"].alpha == 2.0 and lora["dropout"].dropout == 0.0
+    flat = {n: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(
+        m.adapters["encoder"])]) for n, m in models.items()}
+    assert not np.allclose(flat["default"], flat["alpha"])
+    assert not np.allclose(flat["default"], flat["dropout"])

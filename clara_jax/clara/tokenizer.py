@@ -241,10 +241,15 @@ def _check_tokenizer_json(path: str) -> None:
 
 
 def train_sentencepiece(lines: Iterable[str], model_prefix: str, vocab_size: int = 1000,
-                        seed: int = 0) -> str:
+                        seed: int = 0, whole_words: Sequence[str] = ()) -> str:
     """Trains a Llama/Mistral-style sentencepiece BPE model (byte fallback, unk 0 / bos 1 /
     eos 2, no pad piece, identity normalisation, dummy prefix) on `lines`; returns the path
-    of the `.model` file. Used for tiny models trained from scratch (tests, the demo)."""
+    of the `.model` file. Used for tiny models trained from scratch (tests, the demo).
+    `whole_words` become single pieces "▁word" (counted in vocab_size): a word after a space
+    is then one token wherever it appears, followed by punctuation or not."""
+    bad = [w for w in whole_words if not w or any(ch.isspace() for ch in w)]
+    if bad:
+        raise ValueError(f"whole_words must be non-empty words without spaces, got {bad[:3]}")
     spm.set_random_generator_seed(seed)  # sentencepiece samples sentences at random
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_prefix=model_prefix, vocab_size=vocab_size,
@@ -252,5 +257,6 @@ def train_sentencepiece(lines: Iterable[str], model_prefix: str, vocab_size: int
         normalization_rule_name="identity", remove_extra_whitespaces=False,
         add_dummy_prefix=True, split_digits=True, allow_whitespace_only_pieces=True,
         character_coverage=0.9995, num_threads=1, minloglevel=2,
-        shuffle_input_sentence=False)
+        shuffle_input_sentence=False,
+        user_defined_symbols=["\u2581" + w for w in dict.fromkeys(whole_words)])
     return model_prefix + ".model"

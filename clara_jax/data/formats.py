@@ -8,7 +8,8 @@ Formats (the official ones, accepted as they are):
   end_to_end  {"question": str, "docs": [str] * N, "answer"|..., "pos_index": [int] (optional)}
   eval        as end_to_end; `golden_answers` may hold several aliases.
   text        {"text": str, "id": str (optional)}: a corpus to index, or text with newlines
-              (chat-formatted examples) for base-LM pretraining.
+              (chat-formatted examples) for base-LM pretraining; an optional "prompt" (a
+              proper prefix of text) is context only there: no loss on its tokens.
 
 Every record comes back normalised (see `normalise`), in file order, with its source
 `file:line`. Invalid lines raise `DataError` by default; with skip_invalid they are counted
@@ -102,7 +103,7 @@ def normalise(rec: Any, fmt: str, path: str, line: int, *, k: int | None = None,
     """Validates one parsed record and returns it normalised:
 
     pretrain -> {"data_type", "questions": [str], "answers": [str], "docs": [str]}
-    text     -> {"text": str, "id": str (default: the source)}
+    text     -> {"text": str, "id": str (default: the source), "prompt": str (if given)}
     others   -> {"question": str, "docs": [str], "answers": [str] (first = target),
                  "pos_index": [int]}
     plus "source": "file:line". `k` (instruct) / `num_candidates` (end_to_end, eval) fix
@@ -119,8 +120,14 @@ def normalise(rec: Any, fmt: str, path: str, line: int, *, k: int | None = None,
         doc_id = rec.get("id", source)
         if not isinstance(doc_id, (str, int)):
             raise DataError(path, line, "id", f"expected a string, got {type(doc_id).__name__}")
-        return {"text": _text(rec["text"], path, line, "text"), "id": str(doc_id),
-                "source": source}
+        text = _text(rec["text"], path, line, "text")
+        out = {"text": text, "id": str(doc_id), "source": source}
+        if "prompt" in rec:
+            prompt = _text(rec["prompt"], path, line, "prompt")
+            if not text.startswith(prompt) or len(prompt) == len(text):
+                raise DataError(path, line, "prompt", "must be a proper prefix of text")
+            out["prompt"] = prompt
+        return out
     if fmt == "pretrain":
         kind = rec.get("data_type")
         if kind not in ("qa", "paraphrase"):

@@ -164,22 +164,38 @@ def feature_shapes(spec: FeatureSpec, batch_size: int) -> dict[str, tuple[int, .
     return shapes
 
 
-def pack_text(lines: Sequence[str], tokenizer: ClaraTokenizer, max_len: int) -> np.ndarray:
+def pack_text(lines: Sequence[str], tokenizer: ClaraTokenizer, max_len: int,
+              prompts: Sequence[str | None] | None = None) -> np.ndarray:
     """Tokenises texts as `<s> text </s>` and packs them into rows [R, max_len] (int32) for
     base-LM pretraining. A text never straddles two rows (a question keeps the documents it
     is about in its context): it starts a new row when it does not fit in what is left of the
     current one, and the rest of that row is padding, marked -1 (`text_dataset` turns it into
     the pad id with an ignored label). A text longer than max_len is cut into max_len pieces.
     A text that already starts with `<s>` or ends with `</s>` (a chat-formatted example) is
-    not given a second one."""
+    not given a second one.
+
+    prompts: per text, None (loss on every token) or a prefix of the text whose tokens are
+    context only: they are stored as -2 - id, and `text_dataset` gives them no label. The
+    prompt's tokens must be the first tokens of the text's (true when the rest starts with a
+    space); otherwise ValueError."""
     rows: list[list[int]] = []
     current: list[int] = []
-    for line in lines:
+    prompts = [None] * len(lines) if prompts is None else prompts
+    if len(prompts) != len(lines):
+        raise ValueError(f"{len(prompts)} prompts for {len(lines)} texts")
+    for line, prompt in zip(lines, prompts):
         text = line.strip()
         if not text:
             continue
         ids = tokenizer.encode(text, add_bos=not text.startswith(tokenizer.bos_token),
                                add_eos=not text.endswith(tokenizer.eos_token))
+        if prompt:
+            head = tokenizer.encode(prompt.strip(), add_bos=not text.startswith(
+                tokenizer.bos_token))
+            if ids[:len(head)] != head:
+                raise ValueError(f"the prompt {prompt[:40]!r}... does not tokenize as the "
+                                 f"start of its text")
+            ids = [-2 - i for i in head] + ids[len(head):]
         if len(current) + len(ids) > max_len and current:
             rows.append(current)
             current = []
@@ -201,7 +217,8 @@ def text_dataset(rows: np.ndarray, *, batch_size: int, pad_id: int, seed: int = 
                  shuffle: bool = True, num_epochs: int | None = None, shard_index: int = 0,
                  shard_count: int = 1) -> grain.MapDataset:
     """Batches {"ids", "labels": [B, max_len]} of packed text rows (`pack_text`; padding
-    becomes `pad_id` in ids and IGNORE_INDEX in labels), sharded and shuffled like `make_dataset`."""
+    becomes `pad_id` in ids and IGNORE_INDEX in labels, prompt tokens keep their id and get
+    IGNORE_INDEX), sharded and shuffled like `make_dataset`."""
     ds = grain.MapDataset.source(rows)[shard_index::shard_count]
     if shuffle:
         ds = ds.shuffle(seed=seed)
@@ -210,7 +227,8 @@ def text_dataset(rows: np.ndarray, *, batch_size: int, pad_id: int, seed: int = 
 
     def features(r):
         r = np.asarray(r, np.int32)
-        return {"ids": np.where(r < 0, pad_id, r).astype(np.int32),
+        ids = np.where(r == -1, pad_id, np.where(r < -1, -2 - r, r))
+        return {"ids": ids.astype(np.int32),
                 "labels": np.where(r < 0, prompts.IGNORE_INDEX, r).astype(np.int32)}
 
     return ds.map(features).batch(batch_size, drop_remainder=True)

@@ -43,39 +43,93 @@ def _word(rng: random.Random, n: int) -> str:
     return "".join(_syllable(rng) for _ in range(n)).capitalize()
 
 
+def _word_list(tag: str, count: int) -> list[str]:
+    """`count` distinct invented two-syllable words, fixed for `tag` (not for the seed)."""
+    rng, out = random.Random(f"words-{tag}"), []
+    taken = set()
+    while len(out) < count:
+        w = _word(rng, 2)
+        if w not in taken:
+            taken.add(w)
+            out.append(w)
+    return out
+
+
+# Name lists of the "lists" naming (`World(name_style="lists")`): every name part, city,
+# country, year, occupation and industry is one of a fixed set of words that a tokenizer can
+# hold as single tokens (`single_token_words`), so that answering from a document is copying
+# whole tokens. The lists are disjoint (one word, one role).
+_LIST_ROLES = ("first", "last", "org", "city", "country")
+_LISTS = {role: _word_list("names", 64 * len(_LIST_ROLES))[i::len(_LIST_ROLES)]
+          for i, role in enumerate(_LIST_ROLES)}
+LIST_YEARS = (1800, 1999)   # inclusive; every year of every entity in list-named worlds
+
+
+def single_token_words() -> list[str]:
+    """Every word a list-named world's answers are made of (names, cities, countries, years,
+    organisation kinds, occupations, industries): the pieces a demo tokenizer keeps whole."""
+    years = [str(y) for y in range(LIST_YEARS[0], LIST_YEARS[1] + 1)]
+    return [w for role in _LIST_ROLES for w in _LISTS[role]] + \
+        years + ORG_KINDS + OCCUPATIONS + INDUSTRIES
+
+
 class World:
     """Entities with attributes; names are unique. Countries and cities come from
     `places_seed` when given (worlds with the same places_seed share their map, and only
-    people and organisations differ), else from `seed`."""
+    people and organisations differ), else from `seed`. name_style "syllables": every name
+    is made of random syllables; "lists": names, places and years come from fixed lists
+    (`single_token_words`), so the same names recur across worlds with other facts."""
 
     def __init__(self, seed: int, num_people: int, num_orgs: int, num_cities: int,
-                 num_countries: int, places_seed: int | None = None):
+                 num_countries: int, places_seed: int | None = None,
+                 name_style: str = "syllables"):
+        if name_style not in ("syllables", "lists"):
+            raise ValueError(f"name_style must be 'syllables' or 'lists', got {name_style!r}")
+        lists = name_style == "lists"
+        if lists:
+            room = {"cities": (num_cities, len(_LISTS["city"])),
+                    "countries": (num_countries, len(_LISTS["country"])),
+                    "organisations": (num_orgs, len(_LISTS["org"]) * len(ORG_KINDS)),
+                    "people": (num_people, len(_LISTS["first"]) * len(_LISTS["last"]) // 4)}
+            over = [f"{k} {n} > {m}" for k, (n, m) in room.items() if n > m]
+            if over:
+                raise ValueError(f"name_style='lists' has too few names: {', '.join(over)}")
         used: set[str] = set()
 
-        def name(rng: random.Random, parts: int, syllables: int) -> str:
+        def name(rng: random.Random, role: str) -> str:
+            """A new unique name: invented syllables (two words for a person, one plus a kind
+            for an organisation, one otherwise), or the same shapes from the fixed lists."""
             while True:
-                n = " ".join(_word(rng, syllables) for _ in range(parts))
+                if lists:
+                    parts = {"person": ("first", "last"), "org": ("org",)}.get(role, (role,))
+                    n = " ".join(rng.choice(_LISTS[p]) for p in parts)
+                else:
+                    n = " ".join(_word(rng, 2) for _ in range(2 if role == "person" else 1))
+                if role == "org":
+                    n = f"{n} {rng.choice(ORG_KINDS)}"
                 if n not in used:
                     used.add(n)
                     return n
 
+        year = (lambda r, lo, hi: r.randint(*LIST_YEARS)) if lists else \
+            (lambda r, lo, hi: r.randint(lo, hi))
         rng = random.Random(seed)
         places = rng if places_seed is None else random.Random(f"places-{places_seed}")
-        self.countries = [name(places, 1, 2) for _ in range(num_countries)]
-        self.cities = [{"type": "city", "name": name(places, 1, 2),
+        self.countries = [name(places, "country") for _ in range(num_countries)]
+        self.cities = [{"type": "city", "name": name(places, "city"),
                         "country": places.choice(self.countries),
-                        "year": places.randint(900, 1700)} for _ in range(num_cities)]
+                        "year": year(places, 900, 1700)} for _ in range(num_cities)]
         self.people = []
         for _ in range(num_people):
-            self.people.append({"type": "person", "name": name(rng, 2, 2),
+            self.people.append({"type": "person", "name": name(rng, "person"),
                                 "city": rng.choice(self.cities)["name"],
-                                "year": rng.randint(1800, 1990),
+                                "year": year(rng, 1800, 1990),
                                 "occupation": rng.choice(OCCUPATIONS)})
         self.orgs = []
         for i in range(num_orgs):
             founder = self.people[i % len(self.people)]
-            self.orgs.append({"type": "org", "name": f"{name(rng, 1, 2)} {rng.choice(ORG_KINDS)}",
-                              "founder": founder["name"], "year": rng.randint(1850, 2000),
+            self.orgs.append({"type": "org", "name": name(rng, "org"),
+                              "founder": founder["name"], "year": year(rng, 1850, 2000),
                               "city": rng.choice(self.cities)["name"],
                               "industry": rng.choice(INDUSTRIES)})
             founder.setdefault("employer", self.orgs[-1]["name"])
@@ -131,12 +185,16 @@ FILLER = ["Records from that time are incomplete.", "Local archives mention this
           "The story is told in several old books.", "Historians still discuss the details."]
 
 
-def document(e: dict, rng: random.Random) -> str:
-    """One document about an entity: its facts in shuffled order and varied wording."""
+def document(e: dict, rng: random.Random, filler_first: bool = False) -> str:
+    """One document about an entity: its facts in shuffled order and varied wording, and a
+    filler sentence (first with `filler_first`: then no name starts the document, whose first
+    word has no space before it and so would be another token where the document follows a
+    line break, as in a text-RAG prompt)."""
     facts = _facts(e)
     rng.shuffle(facts)
     sentences = [rng.choice(p).format(n=e["name"]) for _, p in facts]
-    sentences.insert(rng.randrange(len(sentences) + 1), rng.choice(FILLER))
+    sentences.insert(0 if filler_first else rng.randrange(len(sentences) + 1),
+                     rng.choice(FILLER))
     while len(" ".join(sentences).split()) < 30:  # at least ~40 subword tokens
         sentences.append(rng.choice(FILLER))
     return " ".join(sentences)
@@ -174,11 +232,11 @@ def paraphrase(e: dict, rng: random.Random) -> str:
 def generate_corpus(out_dir: str, seed: int = 0, num_entities: int = 240,
                     num_candidates: int = 20, k: int = 5, eval_fraction: float = 0.2,
                     questions_per_entity: int = 2, places_seed: int | None = None,
-                    multi_hop: bool = True) -> dict[str, Any]:
+                    multi_hop: bool = True, name_style: str = "syllables") -> dict[str, Any]:
     """Writes the corpus files into out_dir; returns {"files": {...}, "counts": {...}}.
     Corpora generated with the same `places_seed` share their cities and countries (see
     `World`). multi_hop=False leaves out the two-document questions (so every question has
-    one gold document and k may be 1)."""
+    one gold document and k may be 1). name_style: see `World`."""
     if multi_hop and k < 2:
         raise ValueError(f"k={k}: two-document questions need k >= 2 (or multi_hop=False)")
     if num_entities < 20:
@@ -186,7 +244,7 @@ def generate_corpus(out_dir: str, seed: int = 0, num_entities: int = 240,
     n_people = num_entities // 2
     n_orgs = num_entities // 3
     world = World(seed, n_people, n_orgs, max(num_entities // 8, 6), max(num_entities // 40, 3),
-                  places_seed=places_seed)
+                  places_seed=places_seed, name_style=name_style)
     rng = random.Random(seed + 1)
     # Disjoint people / organisations for eval; an org goes to eval with its founder.
     n_eval_orgs = max(int(len(world.orgs) * eval_fraction), 4)
@@ -202,7 +260,7 @@ def generate_corpus(out_dir: str, seed: int = 0, num_entities: int = 240,
         world.assign_employers(by_type(split[part], "person"), by_type(split[part], "org"))
     docs: dict[str, str] = {}
     for e in world.people + world.orgs + world.cities:
-        docs[e["name"]] = document(e, rng)
+        docs[e["name"]] = document(e, rng, filler_first=name_style == "lists")
 
     os.makedirs(out_dir, exist_ok=True)
     files, counts = {}, {}
@@ -272,6 +330,7 @@ def generate_corpus(out_dir: str, seed: int = 0, num_entities: int = 240,
                 f.write(f"Question: {q} Answer: {a}\n")
     files["pretrain_text.txt"] = text_path
     manifest = {"seed": seed, "places_seed": places_seed, "multi_hop": multi_hop,
+                "name_style": name_style,
                 "num_entities": num_entities, "num_candidates": num_candidates,
                 "k": k, "counts": counts, "eval_entities": sorted(e["name"] for e in split["eval"])}
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
@@ -286,6 +345,9 @@ flags.DEFINE_integer("num_candidates", 20, "Candidate documents per end-to-end q
 flags.DEFINE_integer("k", 5, "Documents per instruction-tuning question.")
 flags.DEFINE_integer("questions_per_entity", 2, "Simple questions per entity.")
 flags.DEFINE_bool("multi_hop", True, "Also write two-document questions.")
+flags.DEFINE_enum("name_style", "syllables", ["syllables", "lists"], "Invented names of "
+                  "random syllables, or drawn from fixed word lists (one token each for a "
+                  "tokenizer trained with `single_token_words`).")
 flags.DEFINE_integer("places_seed", None, "Cities and countries from this seed (corpora with "
                      "the same places_seed share them); default: from --seed.")
 
@@ -296,7 +358,8 @@ def main(argv):
                           flags.FLAGS.num_candidates, flags.FLAGS.k,
                           questions_per_entity=flags.FLAGS.questions_per_entity,
                           places_seed=flags.FLAGS.places_seed,
-                          multi_hop=flags.FLAGS.multi_hop)
+                          multi_hop=flags.FLAGS.multi_hop,
+                          name_style=flags.FLAGS.name_style)
     for name, n in sorted(out["counts"].items()):
         print(f"{n:6d}  {out['files'][name]}")
 

@@ -60,6 +60,13 @@ def validate_config(c: ml_collections.ConfigDict, n_devices: int | None = None) 
                   "eval_every", "grad_accum", "lora_rank", "generation_top_k"):
         if int(c[field]) <= 0:
             bad(field, f"must be positive, got {c[field]}")
+    words_file = c.get("whole_words", "")
+    if words_file and not os.path.isfile(words_file):
+        bad("whole_words", f"{words_file} is not a file")
+    if lora_alpha(c) <= 0:
+        bad("lora_alpha", f"must be positive, got {c.lora_alpha}")
+    if not 0.0 <= c.lora_dropout < 1.0:
+        bad("lora_dropout", f"must be in [0, 1), got {c.lora_dropout}")
     if c.learning_rate <= 0:
         bad("learning_rate", f"must be positive, got {c.learning_rate}")
     if c.stage in ("end_to_end", "retrieval_pretrain") and c.generation_top_k > c.num_candidates:
@@ -105,7 +112,13 @@ def clara_config(c: ml_collections.ConfigDict, first_mem_token_id: int) -> Clara
         different_mem_tokens=c.different_mem_tokens, first_mem_token_id=first_mem_token_id,
         mse_weight=c.mse_weight, temperature=c.temperature,
         retrieval_temperature=c.retrieval_temperature,
-        lora=LoraConfig(rank=c.lora_rank, alpha=2.0 * c.lora_rank, dropout=0.1))
+        lora=LoraConfig(rank=c.lora_rank, alpha=lora_alpha(c), dropout=c.lora_dropout))
+
+
+def lora_alpha(c: ml_collections.ConfigDict) -> float:
+    """config.lora_alpha, or the official 2 x lora_rank when it is unset."""
+    alpha = c.get("lora_alpha")
+    return 2.0 * c.lora_rank if alpha is None else float(alpha)
 
 
 # -- 2. the starting model ----------------------------------------------------------------
@@ -126,6 +139,29 @@ def resize_vocab(params: dict, vocab: int, rng: np.random.Generator) -> dict:
     out["embed_tokens"] = {"embedding": np.concatenate([emb, new_e.astype(emb.dtype)])}
     out["lm_head"] = {"kernel": np.concatenate([head, new_h.astype(head.dtype)], axis=1)}
     return out
+
+
+def initial_query_reasoner(c: ml_collections.ConfigDict, adapters: dict) -> dict:
+    """The query reasoner a run starts from (before any checkpoint restore). A start with
+    none (an Apple stage-1/2 checkpoint) copies the encoder, as the official code does; so
+    does config.end_to_end.query_reasoner_init == "encoder" for any start. The copy's LoRA B
+    matrices are multiplied by config.end_to_end.query_reasoner_init_scale (1: the encoder
+    as it is; 0: the base's own states, like a fresh adapter; in between: a weakened warm
+    start, from which end-to-end training has something to raise)."""
+    e2e = c.get("end_to_end", ml_collections.ConfigDict())
+    init = e2e.get("query_reasoner_init", "")
+    if init not in ("", "encoder"):
+        raise ValueError(f"config.end_to_end.query_reasoner_init: must be '' or 'encoder', "
+                         f"got {init!r}")
+    if "query_reasoner" in adapters and init != "encoder":
+        return adapters
+    scale = float(e2e.get("query_reasoner_init_scale", 1.0))
+
+    def copy(path, x):
+        return x * scale if getattr(path[-1], "key", None) == "lora_b" else x
+
+    return {**adapters, "query_reasoner": jax.tree_util.tree_map_with_path(
+        copy, adapters["encoder"])}
 
 
 def fresh_adapters(model_cfg: MistralConfig, lora: LoraConfig, rng: jax.Array) -> dict:
@@ -174,7 +210,10 @@ def load_start(c: ml_collections.ConfigDict, workdir: str, text_lines) -> dict:
     tok_path = os.path.join(tok_dir, "tokenizer.model")
     vocab = int(c.get("vocab_size", preset(c.model).vocab_size))
     if not os.path.exists(tok_path):
-        made = train_sentencepiece(text_lines(), os.path.join(tok_dir, "tokenizer"), vocab)
+        words_file = c.get("whole_words", "")
+        words = open(words_file, encoding="utf-8").read().split() if words_file else ()
+        made = train_sentencepiece(text_lines(), os.path.join(tok_dir, "tokenizer"), vocab,
+                                   whole_words=words)
         assert made == tok_path
     model_cfg = preset(c.model, vocab_size=vocab)
     return {"model_cfg": model_cfg, "params": jax.device_get(init_params(
@@ -332,8 +371,9 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = parallel.mesh_from_config(c.mesh)
     files = data_files(c, workdir)
 
-    def text_lines():
-        out = []
+    def text_lines(with_prompts: bool = False):
+        """The run's texts; with_prompts: (texts, prompts), a prompt (or None) per text."""
+        out, prompts_ = [], []
         for path in formats.expand_paths(files["text"]):
             if path.endswith(".txt"):
                 with open(path) as f:
@@ -341,11 +381,13 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
             elif c.stage == "base_lm":  # JSONL {"text": ...}: texts that may hold newlines
                 recs, _ = formats.read_jsonl(path, "text", skip_invalid=c.data.skip_invalid)
                 out.extend(r["text"] for r in recs)
+                prompts_.extend(r.get("prompt") for r in recs)
             else:
                 recs, _ = formats.read_jsonl(path, pipeline.STAGE_FORMAT.get(c.stage, "pretrain"),
                                              skip_invalid=True)
                 out.extend(d for r in recs for d in r["docs"])
-        return out
+            prompts_.extend([None] * (len(out) - len(prompts_)))
+        return (out, prompts_) if with_prompts else out
 
     start = load_start(c, workdir, text_lines)
     rng = np.random.default_rng(c.seed)
@@ -371,7 +413,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     shard_index, shard_count = pipeline.host_shard()
     local_bs = c.batch_size // shard_count
     if base_lm:
-        rows = pipeline.pack_text(text_lines(), tok, c.max_len)
+        texts, text_prompts = text_lines(with_prompts=True)
+        rows = pipeline.pack_text(texts, tok, c.max_len, text_prompts)
         n_train = len(rows)
         n_eval = max(len(rows) // 20, local_bs)
         train_ds = pipeline.text_dataset(rows[n_eval:], batch_size=local_bs, seed=c.seed,
@@ -406,8 +449,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     if not base_lm:
         adapters = start["adapters"] or fresh_adapters(model_cfg, cfg.lora,
                                                        jax.random.key(c.seed + 1))
-        if "query_reasoner" not in adapters:
-            adapters["query_reasoner"] = adapters["encoder"]
+        adapters = initial_query_reasoner(c, adapters)
         adapters = {n: jax.device_put(jax.tree_util.tree_map(jnp.asarray, a),
                                       setup.lora_sharding) for n, a in adapters.items()}
     state = init_state(c, setup, params, adapters)
