@@ -22,7 +22,8 @@ MFU = model FLOPs per device (`train._model_flops`: 3 x forward matmul FLOPs fro
 counts) / peak / estimated time. Collective counts are static instruction counts in the
 optimised HLO (an op inside the scanned layer loop counts once).
 
-Serialised steps (as MaxText does): `--serialize=PATH` writes the compiled executable with a
+Serialised steps (the file format lives in `clara_jax.train.compiled_step`, which `train`
+imports; this module imports train, never the reverse): `--serialize=PATH` writes the compiled executable with a
 fingerprint of what it was compiled for (backend platform, device count, mesh, jax version,
 the step-relevant config fields, the model config, and every state / batch leaf's shape,
 dtype and PartitionSpec). `python -m clara_jax.train --config.compiled_step=PATH` then runs
@@ -35,10 +36,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.metadata
 import math
 import os
-import pickle
 import re
 import time
 from typing import Any, Sequence
@@ -53,6 +52,8 @@ from clara_jax.model.config import preset
 from clara_jax.model.mistral import Mistral, init_params
 from clara_jax.train import step as step_lib
 from clara_jax.train import train as train_lib
+from clara_jax.train.compiled_step import (serialize, state_sharding, step_fingerprint,
+                                           with_sharding)
 
 GiB = 1024 ** 3
 
@@ -144,37 +145,6 @@ def local_devices(peak_flops: float = 0.0) -> tuple[list, Chip]:
 
 # -- abstract inputs ----------------------------------------------------------------------
 
-def _with_sharding(abstract: Any, sharding: Any) -> Any:
-    return jax.tree_util.tree_map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sharding)
-
-
-def state_sharding(state: Any, setup: train_lib.StepSetup, mesh) -> Any:
-    """NamedShardings of a (possibly abstract) TrainState: base weights and adapters by their
-    logical axes, the optimizer's parameter-shaped leaves like the trainable tree, anything
-    else (step, counts, PRNG key, extra trainable rows) replicated."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def tree_sharding(tree: dict) -> dict:
-        out = {}
-        for name, sub in tree.items():
-            if name == "base":
-                out[name] = setup.param_sharding
-            elif isinstance(sub, dict) and setup.lora_sharding is not None:
-                out[name] = setup.lora_sharding
-            else:
-                out[name] = jax.tree_util.tree_map(lambda _: replicated, sub)
-        return out
-
-    trainable = tree_sharding(state.trainable)
-    import optax
-    opt = optax.tree_map_params(setup.tx, lambda _, s: s, state.opt_state, trainable,
-                                transform_non_params=lambda _: replicated)
-    return state.replace(step=replicated, base=setup.param_sharding if state.base else {},
-                         trainable=trainable, frozen=tree_sharding(state.frozen),
-                         opt_state=opt, rng=replicated)
-
-
 @dataclasses.dataclass
 class Program:
     """A function with abstract, sharded arguments, ready to lower (see `build_program`)."""
@@ -251,7 +221,7 @@ def build_program(c: ml_collections.ConfigDict, devices: Sequence[Any], decode: 
         # The step compresses its candidates itself (end_to_end.cache_candidates=False); the
         # cached variant reads a corpus-sized table instead and needs less compute.
         description["candidates"] = "compressed in the step"
-    state = _with_sharding(state, s_sharding)
+    state = with_sharding(state, s_sharding)
     return Program(setup.train_step, (state, batch),
                    (s_sharding, b_sharding), (s_sharding, NamedSharding(mesh, PartitionSpec())),
                    (0,), mesh, train_lib._model_flops(model_cfg, batch, c.stage), model_cfg,
@@ -289,8 +259,8 @@ def _decode_program(c, model, params, adapters, setup, mesh, description) -> Pro
     # One token attending to `length` cached keys: 2 x MACs of the dense layers and lm_head,
     # plus 4 * heads * head_dim * length per layer for QK^T and PV (= flops_per_token(2 L)).
     flops = batch * cfg.flops_per_token(2 * length)
-    args = (_with_sharding(variables, v_sharding), token, position,
-            _with_sharding(cache, c_sharding))
+    args = (with_sharding(variables, v_sharding), token, position,
+            with_sharding(cache, c_sharding))
     return Program(step, args, (v_sharding, row, row, c_sharding),
                    (logits_sharding, c_sharding), (3,), mesh, flops, cfg, description,
                    step_fingerprint(c, cfg, mesh, "decode", inputs=args))
@@ -522,194 +492,6 @@ def format_report(r: dict) -> str:
             f"{1e3 * r['memory_seconds']:.1f} ms), estimated MFU "
             f"{100 * r['estimated_mfu']:.1f}%")
     return "\n".join(lines)
-
-
-# -- serialised executables ---------------------------------------------------------------
-
-FINGERPRINT_FORMAT = 2   # 2: the fingerprint is its own pickle record, before the executable
-# Config fields a compiled train step does not depend on: bookkeeping, data files, the start
-# checkpoint (its shapes are in the state's signature) and the seed (the PRNG key is an input).
-FINGERPRINT_IGNORED = ("seed", "init_from", "compiled_step", "log_every", "eval_every",
-                       "eval_batches", "checkpoint_every", "keep_checkpoints", "on_nonfinite",
-                       "peak_flops", "data")
-
-
-def config_fields(c: ml_collections.ConfigDict) -> dict[str, Any]:
-    """{dotted field name: value} of the config, without `FINGERPRINT_IGNORED` (subtrees
-    included): everything the compiled step bakes in (stage, model, shapes, optimizer and
-    schedule, loss weights, mesh, execution settings)."""
-    out = {}
-
-    def walk(d: dict, prefix: str) -> None:
-        for key, value in d.items():
-            name = prefix + key
-            if name in FINGERPRINT_IGNORED:
-                continue
-            if isinstance(value, dict):
-                walk(value, name + ".")
-            else:
-                out[name] = value
-
-    walk(c.to_dict(), "")
-    return out
-
-
-def signature(tree: Any) -> dict[str, str]:
-    """{key path: "dtype[shape] PartitionSpec"} of a tree of arrays or ShapeDtypeStructs
-    (e.g. {".trainable['encoder']...": "float32[4, 128, 16] P(None, 'fsdp', None)"})."""
-    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
-
-    def spec(x):
-        sharding = getattr(x, "sharding", None)
-        return str(getattr(sharding, "spec", sharding))
-
-    return {jax.tree_util.keystr(path): f"{x.dtype}{list(x.shape)} {spec(x)}"
-            for path, x in leaves}
-
-
-def step_fingerprint(c: ml_collections.ConfigDict, model_cfg, mesh, mode: str,
-                     **trees) -> dict:
-    """What a step is compiled for: backend platform, device kind and count, mesh, jax
-    version, `config_fields(c)`, the model config, and the `signature` of each argument tree
-    (train: `state` and `batch`, sharded as the step takes them)."""
-    device = mesh.devices.flat[0]
-    return {"format": FINGERPRINT_FORMAT, "mode": mode, "topology": None,  # compile_report's
-            "platform": device.platform, "device_kind": device.device_kind,
-            "device_count": int(mesh.devices.size), "mesh": dict(mesh.shape),
-            "jax": jax.__version__, "jaxlib": importlib.metadata.version("jaxlib"),
-            "config": config_fields(c), "model_config": dataclasses.asdict(model_cfg),
-            **{name: signature(tree) for name, tree in trees.items()}}
-
-
-def fingerprint_mismatches(compiled: dict, run: dict, groups: Sequence[str] = (
-        "mode", "platform", "device_kind", "device_count", "mesh", "jax", "jaxlib", "config",
-        "model_config", "state")) -> list[str]:
-    """Lines "field: compiled X, this run Y" for every difference in `groups` between a
-    stored fingerprint and this run's; dict groups are compared field by field."""
-    absent = "<absent>"
-    out = []
-    for group in groups:
-        a, b = compiled.get(group, absent), run.get(group, absent)
-        if isinstance(a, dict) and isinstance(b, dict) and group != "mesh":
-            # Argument trees' keys are key paths ("['doc_ids']") and values signature
-            # strings (shown as they are); config keys are names, values shown as repr.
-            tree = group in ("state", "batch", "inputs")
-            prefix = group if tree else group + "."
-            show = str if tree else repr
-            for key in list(a) + [k for k in b if k not in a]:
-                x, y = a.get(key, absent), b.get(key, absent)
-                if x != y:
-                    out.append(f"{prefix}{key}: compiled {show(x)}, this run {show(y)}")
-        elif a != b:
-            line = f"{group}: compiled {a!r}, this run {b!r}"
-            if group == "platform":
-                line += (f": an executable compiled for {a} cannot run on {b}; compile one for "
-                         f"this backend where it trains: python -m clara_jax.aot --config=... "
-                         f"--topology=local --serialize=PATH")
-            out.append(line)
-    return out
-
-
-def _refuse(path: str, stored: dict, problems: list[str], limit: int = 20) -> None:
-    where = f"{stored.get('device_count')} x {stored.get('device_kind')}"
-    if stored.get("topology"):
-        where = f"{stored['topology']}: {where}"
-    more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
-    raise ValueError(f"config.compiled_step: {path} (compiled for {where}) does not match "
-                     f"this run; {len(problems)} difference(s):\n  "
-                     + "\n  ".join(problems[:limit]) + more)
-
-
-def serialize(compiled, path: str, fingerprint: dict) -> None:
-    """Writes to `path`, as MaxText does, two pickle records: {"format", "fingerprint"}, then
-    the compiled executable (`jax.experimental.serialize_executable`) with its argument /
-    result tree structures {"payload", "in_tree", "out_tree"}. Checks read the first record
-    only, so a mismatching 7B executable is refused without reading it."""
-    from jax.experimental import serialize_executable
-    payload, in_tree, out_tree = serialize_executable.serialize(compiled)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "wb") as f:
-        pickle.dump({"format": FINGERPRINT_FORMAT, "fingerprint": fingerprint}, f)
-        pickle.dump({"payload": payload, "in_tree": in_tree, "out_tree": out_tree}, f)
-
-
-def read_serialized(path: str, executable: bool = False) -> tuple[dict, dict | None]:
-    """(fingerprint, {"payload", "in_tree", "out_tree"} or None) of a file `serialize` wrote;
-    the executable record is read only when asked. ValueError naming the file otherwise."""
-    if not os.path.isfile(path):
-        raise ValueError(f"config.compiled_step: {path} does not exist")
-    with open(path, "rb") as f:
-        header = pickle.load(f)
-        if not isinstance(header, dict) or header.get("format") != FINGERPRINT_FORMAT:
-            raise ValueError(f"config.compiled_step: {path} is not an executable serialised by "
-                             f"this clara_jax.aot (no fingerprint of format "
-                             f"{FINGERPRINT_FORMAT}); serialise it again with python -m "
-                             f"clara_jax.aot --serialize={path}")
-        return header["fingerprint"], (pickle.load(f) if executable else None)
-
-
-def read_fingerprint(path: str) -> dict:
-    """The fingerprint stored with a serialised executable (ValueError naming the file)."""
-    return read_serialized(path)[0]
-
-
-def check_compiled_step_config(path: str, c: ml_collections.ConfigDict) -> None:
-    """Refuses (ValueError naming `path` and each differing field) a serialised executable
-    that is not a train step or was compiled from other step-relevant config fields."""
-    stored = read_fingerprint(path)
-    problems = fingerprint_mismatches(stored, {"mode": "train", "config": config_fields(c)},
-                                      groups=("mode", "config"))
-    if problems:
-        _refuse(path, stored, problems)
-
-
-def load_compiled(path: str):
-    """The executable written by `serialize`, loaded on this process's backend (the same
-    topology and jax / libtpu versions it was compiled for; unchecked: see `load_train_step`).
-    Call it like the jitted step: `state, metrics = step(state, batch)` with arrays sharded
-    exactly as compiled."""
-    from jax.experimental import serialize_executable
-    _, stored = read_serialized(path, executable=True)
-    return serialize_executable.deserialize_and_load(stored["payload"], stored["in_tree"],
-                                                     stored["out_tree"])
-
-
-class CompiledTrainStep:
-    """A deserialised train step: `state, metrics = step(state, batch)`. `place(state)` puts
-    a state on the shardings it was compiled for; a batch whose features, shapes, dtypes or
-    shardings differ from the compiled ones is refused (ValueError naming the file)."""
-
-    def __init__(self, path: str, compiled, batch_signature: dict[str, str]):
-        self.path, self.compiled, self.batch_signature = path, compiled, batch_signature
-        self.state_shardings = compiled.input_shardings[0][0]
-
-    def place(self, state):
-        return jax.device_put(state, self.state_shardings)
-
-    def __call__(self, state, batch):
-        run = signature(batch)
-        if run != self.batch_signature:
-            problems = fingerprint_mismatches({"batch": self.batch_signature}, {"batch": run},
-                                              groups=("batch",))
-            raise ValueError(f"config.compiled_step: {self.path} was compiled for another "
-                             f"batch: " + "; ".join(problems))
-        return self.compiled(state, batch)
-
-
-def load_train_step(path: str, c: ml_collections.ConfigDict, model_cfg, mesh, state,
-                    shardings) -> CompiledTrainStep:
-    """The train step serialised at `path`, loaded for this run after checking its
-    fingerprint against the run's (config `c`, `model_cfg`, `mesh`, the `state` (arrays or
-    abstract) placed on `shardings`, i.e. `state_sharding(state, setup, mesh)`): ValueError
-    naming the file and every difference (a platform mismatch says that the executable
-    cannot run here) before anything is deserialised."""
-    fingerprint = read_fingerprint(path)
-    run = step_fingerprint(c, model_cfg, mesh, "train",
-                           state=_with_sharding(state, shardings))
-    problems = fingerprint_mismatches(fingerprint, run)
-    if problems:
-        _refuse(path, fingerprint, problems)
-    return CompiledTrainStep(path, load_compiled(path), fingerprint["batch"])
 
 
 # -- command line -------------------------------------------------------------------------

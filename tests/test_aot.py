@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from clara_jax import aot
+from clara_jax.train import compiled_step
 from config_files import load_config
 
 
@@ -111,8 +112,8 @@ def test_stage1_tiny_compiles_for_v5e_2x2(tmp_path):
     assert report["estimated_step_seconds"] > 0 and 0 < report["estimated_mfu"] < 1
     assert "FITS" in aot.format_report(report)
     path = tmp_path / "step.pkl"
-    aot.serialize(compiled, str(path), program.fingerprint)
-    fingerprint, stored = aot.read_serialized(str(path), executable=True)
+    compiled_step.serialize(compiled, str(path), program.fingerprint)
+    fingerprint, stored = compiled_step.read_serialized(str(path), executable=True)
     assert len(stored["payload"]) > 1000
     assert stored["in_tree"] == jax.tree_util.tree_structure((program.args, {}))
     assert (fingerprint["platform"], fingerprint["device_count"]) == ("tpu", 4)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from clara_jax import aot
+from clara_jax.train import compiled_step
 from clara_jax.train import train as train_lib
 from config_files import load_config
 
@@ -30,7 +31,7 @@ def write_fingerprint_only(path, fingerprint):
     """A serialised-step file with no executable record at all: enough to test the refusals,
     which must all happen before the executable is read."""
     with open(path, "wb") as f:
-        pickle.dump({"format": aot.FINGERPRINT_FORMAT, "fingerprint": fingerprint}, f)
+        pickle.dump({"format": compiled_step.FINGERPRINT_FORMAT, "fingerprint": fingerprint}, f)
 
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
@@ -47,7 +48,7 @@ def test_a_tpu_executable_is_refused_here_naming_the_platform(tmp_path):
     train_lib.validate_config(config(compiled_step=path))   # the config itself matches
     local = aot.build_program(c, jax.devices())
     with pytest.raises(ValueError) as err:
-        aot.load_train_step(path, c, local.model_cfg, local.mesh, local.args[0],
+        compiled_step.load_train_step(path, c, local.model_cfg, local.mesh, local.args[0],
                             local.in_shardings[0])
     msg = str(err.value)
     assert msg.startswith(f"config.compiled_step: {path} (compiled for v5e:2x2: 4 x TPU v5")
@@ -73,7 +74,7 @@ def test_a_step_compiled_for_another_config_is_refused_naming_each_field(tmp_pat
     c8 = config(lora_rank=8)
     other = aot.build_program(c8, jax.devices())
     with pytest.raises(ValueError) as err:
-        aot.load_train_step(path, c8, other.model_cfg, other.mesh, other.args[0],
+        compiled_step.load_train_step(path, c8, other.model_cfg, other.mesh, other.args[0],
                             other.in_shardings[0])
     msg = str(err.value)
     assert "config.lora_rank: compiled 16, this run 8" in msg
@@ -96,7 +97,7 @@ def test_a_batch_other_than_the_compiled_one_is_refused_naming_the_feature():
     batch = {"doc_ids": jax.device_put(np.ones((8, 5), np.int32), rows)}
     compiled = jax.jit(lambda s, b: (s + b["doc_ids"].sum(1), {"loss": s.sum()})).lower(
         state, batch).compile()
-    step = aot.CompiledTrainStep("step.pkl", compiled, aot.signature(batch))
+    step = compiled_step.CompiledTrainStep("step.pkl", compiled, compiled_step.signature(batch))
     state = step.place(np.zeros((8,), np.float32))
     assert state.sharding.is_equivalent_to(rows, 1)
     state, metrics = step(state, batch)

@@ -34,6 +34,7 @@ from clara_jax.data import formats, pipeline
 from clara_jax.model.config import MistralConfig, preset
 from clara_jax.model.lora import LoraConfig
 from clara_jax.model.mistral import Mistral, init_params
+from clara_jax.train import compiled_step
 from clara_jax.train import step as step_lib
 from clara_jax.train.checkpoint import Checkpointer
 from clara_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -101,8 +102,7 @@ def validate_config(c: ml_collections.ConfigDict, n_devices: int | None = None) 
         if c.stage == "end_to_end" and c.end_to_end.cache_candidates:
             bad("compiled_step", "a serialised step compresses its candidates itself; set "
                 "end_to_end.cache_candidates=False")
-        from clara_jax import aot
-        aot.check_compiled_step_config(c.compiled_step, c)  # names the file and each field
+        compiled_step.check_compiled_step_config(c.compiled_step, c)  # names the file and each field
 
 
 def clara_config(c: ml_collections.ConfigDict, first_mem_token_id: int) -> ClaraConfig:
@@ -469,9 +469,9 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
         first_step = int(state.step)
         print(f"resumed from {ckpt.directory} at step {first_step}")
     if c.get("compiled_step"):   # run the serialised executable instead of compiling
-        from clara_jax import aot
-        train_step = aot.load_train_step(c.compiled_step, c, model_cfg, mesh, state,
-                                         aot.state_sharding(state, setup, mesh))
+        train_step = compiled_step.load_train_step(c.compiled_step, c, model_cfg, mesh, state,
+                                                   compiled_step.state_sharding(state, setup,
+                                                                                mesh))
         state = train_step.place(state)
     # Stage 3 against cached compressed candidates (train/candidate_cache.py).
     candidates = train_rows = eval_rows = None
