@@ -1,7 +1,7 @@
 """`python -m clara_jax <verb> [flags]`: one entry point for every command.
 
     python -m clara_jax --help               the verbs
-    python -m clara_jax train --config=configs/stage1_pretrain.py:model=tiny --workdir=...
+    python -m clara_jax train --config=configs/pretrain.py:model=tiny --workdir=...
     python -m clara_jax <verb> --help        a verb's own flags
 
 Each verb runs its module as `python -m <module>` would (the module paths still work).

@@ -3,7 +3,7 @@ topology, from any host (this CPU is enough): per-device memory against the chip
 and bytes, the collectives in the program, an estimated step time and MFU, before a pod runs.
 `--topology=local` compiles for this process's own devices instead (what `train` would run).
 
-    python -m clara_jax.aot --config=configs/stage1_pretrain.py:model=mistral_7b \
+    python -m clara_jax.aot --config=configs/pretrain.py:model=mistral_7b \
         --topology=v5e:16x16 [--config.mesh.data=1 --config.mesh.fsdp=-1] \
         [--config.batch_size=256] [--config.remat_policy=full] [--decode] \
         [--hbm_gib=16] [--report_json=report.json] [--serialize=step.pkl]

@@ -45,8 +45,8 @@ flags.DEFINE_string("cpus", "", "Internal: CPUs to pin the --train_rate process 
 FLAGS = flags.FLAGS
 
 CLARA_STAGES = ("stage1", "stage2", "stage3")   # trained at each rate, in this order
-STAGE_FILES = {"base": "pretrain_base_tiny.py", "stage1": "stage1_pretrain.py",
-               "stage2": "stage2_instruct.py", "stage3": "stage3_end_to_end.py"}
+STAGE_FILES = {"base": "pretrain_base_tiny.py", "stage1": "pretrain.py",
+               "stage2": "instruct.py", "stage3": "end_to_end.py"}
 
 
 # -- data ----------------------------------------------------------------------------------

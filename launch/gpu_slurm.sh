@@ -2,7 +2,7 @@
 # Train clara-jax on GPU nodes with Slurm: one process per GPU, jax.distributed over srun.
 #
 #   sbatch --nodes=1 --gpus-per-node=8 --ntasks-per-node=8 launch/gpu_slurm.sh \
-#     configs/stage1_pretrain.py:model=mistral_7b /shared/runs/stage1 --config.mesh.fsdp=8
+#     configs/pretrain.py:model=mistral_7b /shared/runs/stage1 --config.mesh.fsdp=8
 #
 # Expects this checkout installed in the job's Python environment with the [gpu] extra
 # (pip install -e '.[gpu]'). Each task sees one GPU; jax.distributed.initialize() reads the

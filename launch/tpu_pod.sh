@@ -2,7 +2,7 @@
 # Train clara-jax on a Cloud TPU VM slice (v4 / v5e / v5p), every worker in lockstep.
 #
 #   TPU_NAME=clara-v5e-64 ZONE=us-west4-a ACCELERATOR=v5litepod-64 \
-#   CONFIG=configs/stage1_pretrain.py:model=mistral_7b WORKDIR=/mnt/gcs/clara/stage1 \
+#   CONFIG=configs/pretrain.py:model=mistral_7b WORKDIR=/mnt/gcs/clara/stage1 \
 #   EXTRA="--config.init_from=/mnt/gcs/ckpt/mistral --config.mesh.data=4 --config.mesh.fsdp=16" \
 #   bash launch/tpu_pod.sh
 #
@@ -16,7 +16,7 @@
 set -euo pipefail
 
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${ACCELERATOR:?set ACCELERATOR (e.g. v5litepod-64)}"
-: "${CONFIG:?set CONFIG (e.g. configs/stage1_pretrain.py:model=mistral_7b)}" "${WORKDIR:?set WORKDIR}"
+: "${CONFIG:?set CONFIG (e.g. configs/pretrain.py:model=mistral_7b)}" "${WORKDIR:?set WORKDIR}"
 RUNTIME="${RUNTIME:-v2-alpha-tpuv5-lite}"
 EXTRA="${EXTRA:-}"
 REMOTE_DIR="${REMOTE_DIR:-clara-jax}"

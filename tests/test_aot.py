@@ -49,7 +49,7 @@ def test_count_collectives_counts_sync_and_async_once():
 
 def test_build_program_uses_config_overrides_and_validates():
     devices = jax.devices()[:4]
-    c = config("stage1_pretrain.py", **{"mesh.data": 2, "mesh.fsdp": 2, "batch_size": 4,
+    c = config("pretrain.py", **{"mesh.data": 2, "mesh.fsdp": 2, "batch_size": 4,
                                         "remat_policy": "dots", "scan_layers": False})
     program = aot.build_program(c, devices)
     assert program.model_cfg.remat_policy == "dots" and not program.model_cfg.scan_layers
@@ -71,10 +71,10 @@ def test_build_program_uses_config_overrides_and_validates():
                    for x in leaves)
     assert aot.argument_bytes(program) == expected
     with pytest.raises(ValueError, match="config.batch_size: 6 is not divisible"):
-        aot.build_program(config("stage1_pretrain.py", **{"mesh.data": 2, "mesh.fsdp": 2,
+        aot.build_program(config("pretrain.py", **{"mesh.data": 2, "mesh.fsdp": 2,
                                                           "batch_size": 6}), devices)
     with pytest.raises(ValueError, match="MistralConfig.remat_policy"):
-        aot.build_program(config("stage1_pretrain.py", remat_policy="some"), devices)
+        aot.build_program(config("pretrain.py", remat_policy="some"), devices)
 
 
 def test_program_batch_is_what_the_train_loop_feeds_the_step():
@@ -93,7 +93,7 @@ def test_program_batch_is_what_the_train_loop_feeds_the_step():
 @needs_libtpu
 @pytest.mark.slow
 def test_stage1_tiny_compiles_for_v5e_2x2(tmp_path):
-    c = config("stage1_pretrain.py", **{"mesh.data": 2, "mesh.fsdp": 2})
+    c = config("pretrain.py", **{"mesh.data": 2, "mesh.fsdp": 2})
     report, compiled = aot.compile_report(c, "v5e:2x2")
     assert report["devices"] == 4 and report["fits"] and report["chip"] == "v5e"
     m = report["memory"]
@@ -123,7 +123,7 @@ def test_stage1_tiny_compiles_for_v5e_2x2(tmp_path):
 @needs_libtpu
 @pytest.mark.slow
 def test_stage3_tiny_compiles_and_reports_not_fitting_on_small_hbm():
-    c = config("stage3_end_to_end.py", **{"mesh.data": 2, "mesh.fsdp": 2, "batch_size": 8})
+    c = config("end_to_end.py", **{"mesh.data": 2, "mesh.fsdp": 2, "batch_size": 8})
     report, _ = aot.compile_report(c, "v5e:2x2", hbm_gib=0.01, correct_scan_cost=False)
     assert report["stage"] == "end_to_end" and report["batch"]["doc_ids"] == [8, 20, 83]
     assert report["memory"]["total_bytes"] > 0 and report["flops_per_device"] > 0
@@ -139,7 +139,7 @@ def test_stage3_tiny_compiles_and_reports_not_fitting_on_small_hbm():
 def test_7b_on_one_chip_is_rejected_as_not_fitting():
     # Batch 1 x 512 tokens fits (14.8 GiB: 14.0 of arguments, 0.65 of temporaries); the bf16
     # weights (7.24 B x 2 bytes) plus the activations of 16 x 2048 tokens do not.
-    c = config("stage1_pretrain.py", "model=mistral_7b", batch_size=16, max_len=2048)
+    c = config("pretrain.py", "model=mistral_7b", batch_size=16, max_len=2048)
     report, compiled = aot.compile_report(c, "v5e:1x1")
     assert compiled is None and not report["fits"]
     assert report["memory"]["argument_bytes"] > 7.2e9 * 2 > 16 * aot.GiB * 0.8
@@ -150,7 +150,7 @@ def test_7b_on_one_chip_is_rejected_as_not_fitting():
 @needs_libtpu
 @pytest.mark.slow
 def test_decode_step_compiles_with_a_sharded_cache():
-    c = config("stage3_end_to_end.py", **{"mesh.data": 2, "mesh.fsdp": 2, "batch_size": 4,
+    c = config("end_to_end.py", **{"mesh.data": 2, "mesh.fsdp": 2, "batch_size": 4,
                                           "max_len": 128})
     report, _ = aot.compile_report(c, "v5e:2x2", decode=True, correct_scan_cost=False)
     assert report["mode"] == "decode" and report["fits"]

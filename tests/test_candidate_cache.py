@@ -125,8 +125,8 @@ def test_stale_cache_refused_and_valid_cache_reused(setup, tmp_path):
 
 def test_cache_conflicts_with_training_mem_tokens():
     sys.path.insert(0, ROOT)
-    from configs import stage3_end_to_end
-    c = stage3_end_to_end.get_config()
+    from configs import end_to_end
+    c = end_to_end.get_config()
     c.optimize_mem_tokens = True
     with pytest.raises(ValueError, match="config.end_to_end.cache_candidates: the memory-token"):
         train_lib.validate_config(c, n_devices=8)
@@ -135,8 +135,8 @@ def test_cache_conflicts_with_training_mem_tokens():
 @pytest.mark.slow
 def test_short_stage3_run_with_the_cache(tmp_path):
     sys.path.insert(0, ROOT)
-    from configs import stage3_end_to_end
-    c = stage3_end_to_end.get_config()
+    from configs import end_to_end
+    c = end_to_end.get_config()
     c.update(total_steps=2, batch_size=8, log_every=1, eval_every=2, eval_batches=1,
              checkpoint_every=1000, max_len=256, doc_max_length=16, num_candidates=4,
              generation_top_k=2, vocab_size=400)

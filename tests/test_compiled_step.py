@@ -22,7 +22,7 @@ from config_files import load_config
 
 def config(**overrides):
     """Tiny stage 1 (SCP), 3 steps of batch 8 on the 8 CPU devices, no eval."""
-    return load_config("configs/stage1_pretrain.py", "model=tiny", **{
+    return load_config("configs/pretrain.py", "model=tiny", **{
         "total_steps": 3, "batch_size": 8, "max_len": 256, "log_every": 1, "eval_every": 1000,
         "checkpoint_every": 1000, **overrides})
 

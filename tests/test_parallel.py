@@ -143,4 +143,6 @@ def test_lora_dropout_masks_do_not_depend_on_the_mesh(shape):
             jax.device_put(adapter, fitted["lora"]),
             jax.device_put(variables["params"], fitted["params"]), x, rng)
     assert float(v) == pytest.approx(float(ref_v), rel=1e-5)
-    assert max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(rel, g, ref_g))) < 1e-4
+    # Sharded reductions add in another order: 1.6e-4 seen on an AVX2 CPU. Other masks move
+    # every leaf by more than 1e-2 (above), so 1e-3 still tells the two apart by 10x.
+    assert max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(rel, g, ref_g))) < 1e-3

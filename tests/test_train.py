@@ -20,7 +20,7 @@ from config_files import load_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def config(name="configs/stage1_pretrain.py", arg=""):
+def config(name="configs/pretrain.py", arg=""):
     return load_config(name, arg)
 
 
@@ -38,7 +38,7 @@ def test_invalid_configs_fail_naming_the_field(field, value, message):
 
 
 def test_k_larger_than_candidates_and_bad_mesh():
-    c = config("configs/stage3_end_to_end.py")
+    c = config("configs/end_to_end.py")
     c.generation_top_k = 21
     with pytest.raises(ValueError, match="generation_top_k: k=21 is larger than num_candidates 20"):
         train_lib.validate_config(c, n_devices=8)
@@ -80,11 +80,11 @@ def test_every_stage_learns_on_the_synthetic_data(tmp_path):
     loss = losses_of(tmp_path / "base")
     assert np.mean(loss[-5:]) < np.mean(loss[:5]) - 0.5
     common = dict(max_len=256, doc_max_length=32, num_candidates=8, generation_top_k=2)
-    s1 = tiny_run(tmp_path / "s1", "configs/stage1_pretrain.py", 30, learning_rate=1e-3,
+    s1 = tiny_run(tmp_path / "s1", "configs/pretrain.py", 30, learning_rate=1e-3,
                   init_from=base["model_dir"], **common)
-    s2 = tiny_run(tmp_path / "s2", "configs/stage2_instruct.py", 30, learning_rate=1e-3,
+    s2 = tiny_run(tmp_path / "s2", "configs/instruct.py", 30, learning_rate=1e-3,
                   init_from=s1["model_dir"], **common)
-    s3 = tiny_run(tmp_path / "s3", "configs/stage3_end_to_end.py", 30, learning_rate=1e-3,
+    s3 = tiny_run(tmp_path / "s3", "configs/end_to_end.py", 30, learning_rate=1e-3,
                   init_from=s2["model_dir"], temperature=0.1, **common)
     ret = tiny_run(tmp_path / "ret", "configs/retrieval_pretrain.py", 30, learning_rate=1e-3,
                    init_from=s2["model_dir"], temperature=0.1, **common)
@@ -395,7 +395,7 @@ def test_query_reasoner_starts_from_the_encoder_weakened_on_request():
     encoder, as the official code does."""
     enc = {"layer": {"q_proj": {"lora_a": jnp.ones((2, 3)), "lora_b": jnp.full((3, 2), 2.0)}}}
     own = jax.tree_util.tree_map(jnp.zeros_like, enc)
-    c = config("configs/stage3_end_to_end.py")
+    c = config("configs/end_to_end.py")
     kept = train_lib.initial_query_reasoner(c, {"encoder": enc, "query_reasoner": own})
     assert kept["query_reasoner"] is own
     c.end_to_end.query_reasoner_init = "encoder"
@@ -405,7 +405,7 @@ def test_query_reasoner_starts_from_the_encoder_weakened_on_request():
     np.testing.assert_array_equal(q["lora_a"], enc["layer"]["q_proj"]["lora_a"])
     np.testing.assert_array_equal(q["lora_b"], 0.5 * np.ones((3, 2)))
     assert weak["encoder"] is enc
-    c = config("configs/stage3_end_to_end.py")
+    c = config("configs/end_to_end.py")
     copied = train_lib.initial_query_reasoner(c, {"encoder": enc})
     np.testing.assert_array_equal(copied["query_reasoner"]["layer"]["q_proj"]["lora_b"],
                                   enc["layer"]["q_proj"]["lora_b"])
@@ -434,7 +434,7 @@ def test_lora_alpha_and_dropout_fields_change_the_trained_adapters(tmp_path):
     runs = {"default": {}, "alpha": {"lora_alpha": 2.0}, "dropout": {"lora_dropout": 0.0}}
     models = {}
     for name, extra in runs.items():
-        tiny_run(tmp_path / name, "configs/stage1_pretrain.py", 3, learning_rate=1e-3,
+        tiny_run(tmp_path / name, "configs/pretrain.py", 3, learning_rate=1e-3,
                  doc_max_length=32, max_len=256, lora_rank=4, **extra)
         models[name] = Clara.load(str(tmp_path / name))
     lora = {n: m.config.lora for n, m in models.items()}

@@ -1,6 +1,6 @@
 """One trainer for every CLaRa stage (and for pretraining a tiny base LM from scratch).
 
-    python -m clara_jax.train --config=configs/stage1_pretrain.py:model=tiny --workdir=DIR \
+    python -m clara_jax.train --config=configs/pretrain.py:model=tiny --workdir=DIR \
         [--config.total_steps=100 ...]
 
 Reads like big_vision's trainer, top to bottom:

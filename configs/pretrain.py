@@ -1,4 +1,4 @@
-# python -m clara_jax.train --config=configs/stage1_pretrain.py:model=tiny --workdir=workdir/stage1_pretrain
+# python -m clara_jax.train --config=configs/pretrain.py:model=tiny --workdir=workdir/pretrain
 """CLaRa stage `pretrain`; `:model=tiny|mid|mistral_7b`."""
 
 from configs import common

@@ -1,4 +1,4 @@
-# python -m clara_jax.train --config=configs/stage2_instruct.py:model=tiny --workdir=workdir/stage2_instruct
+# python -m clara_jax.train --config=configs/instruct.py:model=tiny --workdir=workdir/instruct
 """CLaRa stage `instruct`; `:model=tiny|mid|mistral_7b`."""
 
 from configs import common

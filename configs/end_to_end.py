@@ -1,4 +1,4 @@
-# python -m clara_jax.train --config=configs/stage3_end_to_end.py:model=tiny --workdir=workdir/stage3_end_to_end
+# python -m clara_jax.train --config=configs/end_to_end.py:model=tiny --workdir=workdir/end_to_end
 """CLaRa stage `end_to_end`; `:model=tiny|mid|mistral_7b`."""
 
 from configs import common
