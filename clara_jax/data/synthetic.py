@@ -111,8 +111,10 @@ class World:
                     used.add(n)
                     return n
 
-        year = (lambda r, lo, hi: r.randint(*LIST_YEARS)) if lists else \
-            (lambda r, lo, hi: r.randint(lo, hi))
+        def year(r: random.Random, lo: int, hi: int) -> int:
+            """A year in [lo, hi], or in LIST_YEARS for list names (single tokens)."""
+            return r.randint(*(LIST_YEARS if lists else (lo, hi)))
+
         rng = random.Random(seed)
         places = rng if places_seed is None else random.Random(f"places-{places_seed}")
         self.countries = [name(places, "country") for _ in range(num_countries)]
