@@ -19,7 +19,9 @@ from typing import Any, Sequence
 
 import jax
 import ml_collections
+import optax
 from jax.sharding import NamedSharding, PartitionSpec
+
 
 def with_sharding(abstract: Any, sharding: Any) -> Any:
     """ShapeDtypeStructs of `abstract` carrying the matching leaves of `sharding`."""
@@ -28,9 +30,10 @@ def with_sharding(abstract: Any, sharding: Any) -> Any:
 
 
 def state_sharding(state: Any, setup: Any, mesh) -> Any:
-    """NamedShardings of a (possibly abstract) TrainState (`setup`: train.StepSetup): base weights and adapters by their
-    logical axes, the optimizer's parameter-shaped leaves like the trainable tree, anything
-    else (step, counts, PRNG key, extra trainable rows) replicated."""
+    """NamedShardings of a (possibly abstract) TrainState (`setup`: a train.StepSetup): base
+    weights and adapters by their logical axes, the optimizer's parameter-shaped leaves like
+    the trainable tree, anything else (step, counts, PRNG key, extra trainable rows)
+    replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def tree_sharding(tree: dict) -> dict:
@@ -45,7 +48,6 @@ def state_sharding(state: Any, setup: Any, mesh) -> Any:
         return out
 
     trainable = tree_sharding(state.trainable)
-    import optax
     opt = optax.tree_map_params(setup.tx, lambda _, s: s, state.opt_state, trainable,
                                 transform_non_params=lambda _: replicated)
     return state.replace(step=replicated, base=setup.param_sharding if state.base else {},
