@@ -102,7 +102,8 @@ def validate_config(c: ml_collections.ConfigDict, n_devices: int | None = None) 
         if c.stage == "end_to_end" and c.end_to_end.cache_candidates:
             bad("compiled_step", "a serialised step compresses its candidates itself; set "
                 "end_to_end.cache_candidates=False")
-        compiled_step.check_compiled_step_config(c.compiled_step, c)  # names the file and each field
+        # Names the file and each differing field.
+        compiled_step.check_compiled_step_config(c.compiled_step, c)
 
 
 def clara_config(c: ml_collections.ConfigDict, first_mem_token_id: int) -> ClaraConfig:
@@ -371,8 +372,8 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = parallel.mesh_from_config(c.mesh)
     files = data_files(c, workdir)
 
-    def text_lines(with_prompts: bool = False):
-        """The run's texts; with_prompts: (texts, prompts), a prompt (or None) per text."""
+    def text_records() -> tuple[list[str], list[str | None]]:
+        """The run's texts and, per text, its loss-free prompt (or None)."""
         out, prompts_ = [], []
         for path in formats.expand_paths(files["text"]):
             if path.endswith(".txt"):
@@ -387,7 +388,10 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
                                              skip_invalid=True)
                 out.extend(d for r in recs for d in r["docs"])
             prompts_.extend([None] * (len(out) - len(prompts_)))
-        return (out, prompts_) if with_prompts else out
+        return out, prompts_
+
+    def text_lines() -> list[str]:
+        return text_records()[0]
 
     start = load_start(c, workdir, text_lines)
     rng = np.random.default_rng(c.seed)
@@ -413,7 +417,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     shard_index, shard_count = pipeline.host_shard()
     local_bs = c.batch_size // shard_count
     if base_lm:
-        texts, text_prompts = text_lines(with_prompts=True)
+        texts, text_prompts = text_records()
         rows = pipeline.pack_text(texts, tok, c.max_len, text_prompts)
         n_train = len(rows)
         n_eval = max(len(rows) // 20, local_bs)
