@@ -29,7 +29,6 @@ def main() -> None:
 
     from clara_jax import demo
     from clara_jax.clara.model import Clara
-    from clara_jax.data import formats
     from clara_jax.eval.evaluate import evaluate
 
     spec = importlib.util.spec_from_file_location("demo_config",
@@ -37,19 +36,18 @@ def main() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cfg = module.get_config()
-    cfg.stage3.steps = args.steps
+    cfg.end_to_end.steps = args.steps
     wd = os.path.abspath(args.demo_workdir)
     worlds = demo.make_worlds(cfg, wd)
-    stage2 = os.path.join(wd, f"rate{args.rate}", "stage2", "model")
-    if not os.path.isdir(stage2):
-        raise FileNotFoundError(f"{stage2}: run `make demo` (at least through stage 2) first")
-    records, _ = formats.read_jsonl(os.path.join(worlds["clara"][0], "eval.jsonl"), "eval",
-                                    num_candidates=cfg.num_candidates)
+    instruct = os.path.join(wd, f"rate{args.rate}", "instruct", "model")
+    if not os.path.isdir(instruct):
+        raise FileNotFoundError(f"{instruct}: run `make demo` (at least through stage 2) first")
+    records = demo.read_eval_records(cfg, demo.write_eval_file(cfg, worlds, wd))
     kw = dict(mode="compressed", setting="normal", top_k=cfg.top_k, max_new_tokens=16)
-    before, _ = evaluate(Clara.load(stage2), records, **kw)
+    before, _ = evaluate(Clara.load(instruct), records, **kw)
     rows = []
     for cache in (True, False):
-        c = demo.stage_config(cfg, "stage3", worlds, args.rate, stage2)
+        c = demo.stage_config(cfg, "end_to_end", worlds, args.rate, instruct)
         c.end_to_end.cache_candidates = cache
         t0 = time.time()
         model_dir = demo.run_stage(c, os.path.join(wd, "stage3_cache_quality", f"cache_{cache}"))

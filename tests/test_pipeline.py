@@ -228,3 +228,10 @@ def test_pack_text_prompts_are_context_without_loss(tok):
         pipeline.pack_text([plain], tok, 64, [cut])
     with pytest.raises(ValueError, match="1 prompts for 2 texts"):
         pipeline.pack_text([text, plain], tok, 64, [None])
+    # A prompted text longer than a row is refused (a cut would leave its answers without
+    # their prompt), naming it; without a prompt it is cut into row-sized pieces.
+    n_text = len(ids_text)
+    with pytest.raises(ValueError, match=rf"text 1: {n_text} tokens with a prompt do not fit "
+                                         rf"in max_len {n_text - 1}"):
+        pipeline.pack_text([plain, text], tok, n_text - 1, [None, prompt])
+    assert pipeline.pack_text([text], tok, n_text - 1).shape[0] == 2

@@ -37,6 +37,34 @@ def test_invalid_configs_fail_naming_the_field(field, value, message):
         train_lib.validate_config(c, n_devices=8)
 
 
+def test_base_init_fields_are_validated_and_head_starts_as_the_embedding():
+    """lm_head_init and rope_theta shape a base trained from scratch only; 'embedding' makes
+    lm_head the transpose of the token embedding, so each token scores itself highest."""
+    import jax
+    import numpy as np
+    from clara_jax.model.config import preset
+    from clara_jax.model.mistral import init_params
+
+    c = config("configs/pretrain_base_tiny.py")
+    train_lib.validate_config(c, n_devices=8)
+    for field, value, message in (("lm_head_init", "zeros", "lm_head_init: must be"),
+                                  ("rope_theta", -1.0, "rope_theta: -1.0")):
+        bad = config("configs/pretrain_base_tiny.py")
+        bad[field] = value
+        with pytest.raises(ValueError, match=message):
+            train_lib.validate_config(bad, n_devices=8)
+    bad = config("configs/pretrain_base_tiny.py")
+    bad.init_from = ROOT   # any existing directory: the point is that it is not empty
+    with pytest.raises(ValueError, match="lm_head_init: 'embedding' initialises a base"):
+        train_lib.validate_config(bad, n_devices=8)
+    params = jax.device_get(init_params(preset("tiny", vocab_size=96), jax.random.key(0)))
+    tied = train_lib.head_from_embedding(params)
+    emb = np.asarray(params["embed_tokens"]["embedding"])
+    np.testing.assert_array_equal(tied["lm_head"]["kernel"], emb.T)
+    assert (np.argmax(emb @ tied["lm_head"]["kernel"], axis=1) == np.arange(96)).all()
+    assert not (np.argmax(emb @ params["lm_head"]["kernel"], axis=1) == np.arange(96)).all()
+
+
 def test_k_larger_than_candidates_and_bad_mesh():
     c = config("configs/end_to_end.py")
     c.generation_top_k = 21

@@ -170,7 +170,8 @@ def pack_text(lines: Sequence[str], tokenizer: ClaraTokenizer, max_len: int,
     base-LM pretraining. A text never straddles two rows (a question keeps the documents it
     is about in its context): it starts a new row when it does not fit in what is left of the
     current one, and the rest of that row is padding, marked -1 (`text_dataset` turns it into
-    the pad id with an ignored label). A text longer than max_len is cut into max_len pieces.
+    the pad id with an ignored label). A text longer than max_len is cut into max_len pieces;
+    one with a prompt raises ValueError instead (its later pieces would miss their context).
     A text that already starts with `<s>` or ends with `</s>` (a chat-formatted example) is
     not given a second one.
 
@@ -183,7 +184,7 @@ def pack_text(lines: Sequence[str], tokenizer: ClaraTokenizer, max_len: int,
     prompts = [None] * len(lines) if prompts is None else prompts
     if len(prompts) != len(lines):
         raise ValueError(f"{len(prompts)} prompts for {len(lines)} texts")
-    for line, prompt in zip(lines, prompts):
+    for n, (line, prompt) in enumerate(zip(lines, prompts)):
         text = line.strip()
         if not text:
             continue
@@ -196,6 +197,9 @@ def pack_text(lines: Sequence[str], tokenizer: ClaraTokenizer, max_len: int,
                 raise ValueError(f"the prompt {prompt[:40]!r}... does not tokenize as the "
                                  f"start of its text")
             ids = [-2 - i for i in head] + ids[len(head):]
+            if len(ids) > max_len:   # its pieces after the first would lose their context
+                raise ValueError(f"text {n}: {len(ids)} tokens with a prompt do not fit in "
+                                 f"max_len {max_len} (raise max_len or shorten the text)")
         if len(current) + len(ids) > max_len and current:
             rows.append(current)
             current = []

@@ -187,13 +187,26 @@ FILLER = ["Records from that time are incomplete.", "Local archives mention this
           "The story is told in several old books.", "Historians still discuss the details."]
 
 
-def document(e: dict, rng: random.Random, filler_first: bool = False) -> str:
-    """One document about an entity: its facts in shuffled order and varied wording, and a
-    filler sentence (first with `filler_first`: then no name starts the document, whose first
-    word has no space before it and so would be another token where the document follows a
-    line break, as in a text-RAG prompt)."""
+DOC_STYLES = ("varied", "plain")
+
+
+def document(e: dict, rng: random.Random, filler_first: bool = False,
+             style: str = "varied") -> str:
+    """One document about an entity: its facts in shuffled order and a filler sentence (first
+    with `filler_first`: then no name starts the document, whose first word has no space
+    before it and so would be another token where the document follows a line break, as in a
+    text-RAG prompt). style "varied": each fact in one of three wordings, and filler up to
+    about 30 words; "plain": each fact in its first wording and one filler sentence, so that
+    a document is a few dozen tokens."""
+    if style not in DOC_STYLES:
+        raise ValueError(f"document style must be one of {DOC_STYLES}, got {style!r}")
     facts = _facts(e)
     rng.shuffle(facts)
+    if style == "plain":
+        sentences = [p[0].format(n=e["name"]) for _, p in facts]
+        sentences.insert(0 if filler_first else rng.randrange(len(sentences) + 1),
+                         rng.choice(FILLER))
+        return " ".join(sentences)
     sentences = [rng.choice(p).format(n=e["name"]) for _, p in facts]
     sentences.insert(0 if filler_first else rng.randrange(len(sentences) + 1),
                      rng.choice(FILLER))
@@ -225,20 +238,23 @@ def complex_question(e: dict) -> tuple[str, str]:
     return (f"In which country is {n} and when was it founded?", f"{e['country']}, {e['year']}")
 
 
-def paraphrase(e: dict, rng: random.Random) -> str:
+def paraphrase(e: dict, rng: random.Random, style: str = "varied") -> str:
+    """The entity's facts in another order (and, for style "varied", other wordings)."""
     facts = _facts(e)
     rng.shuffle(facts)
-    return " ".join(rng.choice(p).format(n=e["name"]) for _, p in facts)
+    return " ".join((p[0] if style == "plain" else rng.choice(p)).format(n=e["name"])
+                    for _, p in facts)
 
 
 def generate_corpus(out_dir: str, seed: int = 0, num_entities: int = 240,
                     num_candidates: int = 20, k: int = 5, eval_fraction: float = 0.2,
                     questions_per_entity: int = 2, places_seed: int | None = None,
-                    multi_hop: bool = True, name_style: str = "syllables") -> dict[str, Any]:
+                    multi_hop: bool = True, name_style: str = "syllables",
+                    doc_style: str = "varied") -> dict[str, Any]:
     """Writes the corpus files into out_dir; returns {"files": {...}, "counts": {...}}.
     Corpora generated with the same `places_seed` share their cities and countries (see
     `World`). multi_hop=False leaves out the two-document questions (so every question has
-    one gold document and k may be 1). name_style: see `World`."""
+    one gold document and k may be 1). name_style: see `World`; doc_style: see `document`."""
     if multi_hop and k < 2:
         raise ValueError(f"k={k}: two-document questions need k >= 2 (or multi_hop=False)")
     if num_entities < 20:
@@ -262,7 +278,7 @@ def generate_corpus(out_dir: str, seed: int = 0, num_entities: int = 240,
         world.assign_employers(by_type(split[part], "person"), by_type(split[part], "org"))
     docs: dict[str, str] = {}
     for e in world.people + world.orgs + world.cities:
-        docs[e["name"]] = document(e, rng, filler_first=name_style == "lists")
+        docs[e["name"]] = document(e, rng, filler_first=name_style == "lists", style=doc_style)
 
     os.makedirs(out_dir, exist_ok=True)
     files, counts = {}, {}
@@ -296,7 +312,7 @@ def generate_corpus(out_dir: str, seed: int = 0, num_entities: int = 240,
             pre.append({"data_type": "qa", "question": [q for q, _ in qa],
                         "answers": [a for _, a in qa], "docs": [docs[e["name"]]]})
             pre.append({"data_type": "paraphrase", "question": [""],
-                        "answers": [paraphrase(e, r)], "docs": [docs[e["name"]]]})
+                        "answers": [paraphrase(e, r, doc_style)], "docs": [docs[e["name"]]]})
         r.shuffle(pre)
         write(f"pretrain_{part}.jsonl", pre)
 
@@ -332,7 +348,7 @@ def generate_corpus(out_dir: str, seed: int = 0, num_entities: int = 240,
                 f.write(f"Question: {q} Answer: {a}\n")
     files["pretrain_text.txt"] = text_path
     manifest = {"seed": seed, "places_seed": places_seed, "multi_hop": multi_hop,
-                "name_style": name_style,
+                "name_style": name_style, "doc_style": doc_style,
                 "num_entities": num_entities, "num_candidates": num_candidates,
                 "k": k, "counts": counts, "eval_entities": sorted(e["name"] for e in split["eval"])}
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
@@ -350,6 +366,8 @@ flags.DEFINE_bool("multi_hop", True, "Also write two-document questions.")
 flags.DEFINE_enum("name_style", "syllables", ["syllables", "lists"], "Invented names of "
                   "random syllables, or drawn from fixed word lists (one token each for a "
                   "tokenizer trained with `single_token_words`).")
+flags.DEFINE_enum("doc_style", "varied", list(DOC_STYLES), "Documents with each fact in "
+                  "one of three wordings plus filler, or in one plain wording (shorter).")
 flags.DEFINE_integer("places_seed", None, "Cities and countries from this seed (corpora with "
                      "the same places_seed share them); default: from --seed.")
 
@@ -361,7 +379,8 @@ def main(argv):
                           questions_per_entity=flags.FLAGS.questions_per_entity,
                           places_seed=flags.FLAGS.places_seed,
                           multi_hop=flags.FLAGS.multi_hop,
-                          name_style=flags.FLAGS.name_style)
+                          name_style=flags.FLAGS.name_style,
+                          doc_style=flags.FLAGS.doc_style)
     for name, n in sorted(out["counts"].items()):
         print(f"{n:6d}  {out['files'][name]}")
 

@@ -177,11 +177,16 @@ def evaluate(model: Clara, records: list[dict], *, mode: str = "compressed",
     golds = [gold_answers(r, i) for i, r in enumerate(records)]
     pos = [sorted(set(r.get("pos_index") or [])) for r in records]
     uses_docs = mode != "closed_book"
+    # Full text in the oracle setting on a model without an encoder (a base before any CLaRa
+    # stage): nothing ranks the candidates, so the gold documents are filled up to top_k with
+    # the others in their given order, and no retrieval metric is reported.
+    ranks = uses_docs and not (mode == "full_text" and setting == "oracle"
+                               and "encoder" not in model.adapters)
 
     row_of: dict[str, int] = {}
     states = None
     n_cut = 0
-    if uses_docs:
+    if ranks:
         for r in records:
             for d in r["docs"]:
                 row_of.setdefault(d, len(row_of))
@@ -197,11 +202,14 @@ def evaluate(model: Clara, records: list[dict], *, mode: str = "compressed",
         qs = _pad([questions[i] for i in idx], batch_size)
         rankings: list[list[int]] = [[] for _ in idx]
         selected: list[list[int]] = [[] for _ in idx]
-        if uses_docs:
+        if ranks:
             rankings = _rank(model, [questions[i] for i in idx],
                              [records[i]["docs"] for i in idx], states, row_of)
             selected = [oracle_selection(rk, pos[i], top_k) if setting == "oracle" else rk[:top_k]
                         for i, rk in zip(idx, rankings)]
+        elif uses_docs:
+            selected = [oracle_selection(range(len(records[i]["docs"])), pos[i], top_k)
+                        for i in idx]
         if mode == "compressed":
             chosen = np.stack([states[[row_of[records[i]["docs"][j]] for j in sel]]
                                for i, sel in zip(idx, selected)])
@@ -235,7 +243,7 @@ def evaluate(model: Clara, records: list[dict], *, mode: str = "compressed",
                                "adapter": adapter}
     summary.update(metrics.answer_scores(texts, golds))
     summary["avg_output_length"] = float(np.mean([len(t.split()) for t in texts]))
-    if uses_docs and any(pos):
+    if ranks and any(pos):
         summary.update(metrics.retrieval_scores(_topk_matrix(predictions), pos, RETRIEVAL_KS))
     summary.update(truncated_docs=int(n_cut), distinct_docs=len(row_of),
                    compress_seconds=compress_seconds, seconds=seconds,

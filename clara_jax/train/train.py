@@ -83,6 +83,14 @@ def validate_config(c: ml_collections.ConfigDict, n_devices: int | None = None) 
     if c.batch_size % batch_shards:
         axes = "data x fsdp" if c.mesh.get("dcn_data", 1) == 1 else "dcn_data x data x fsdp"
         bad("batch_size", f"{c.batch_size} is not divisible by mesh {axes} = {batch_shards}")
+    if c.get("lm_head_init", "random") not in ("random", "embedding"):
+        bad("lm_head_init", f"must be 'random' or 'embedding', got {c.lm_head_init!r}")
+    if c.get("lm_head_init", "random") == "embedding" and (c.stage != "base_lm" or c.init_from):
+        bad("lm_head_init", "'embedding' initialises a base trained from scratch (stage "
+            "base_lm, empty init_from); this run starts from existing weights")
+    if c.get("rope_theta") is not None and (c.rope_theta <= 0 or c.init_from):
+        bad("rope_theta", f"{c.rope_theta}: a positive base period for a model trained from "
+            f"scratch (empty init_from; a checkpoint keeps its own)")
     if c.optimize_mem_tokens and c.stage == "base_lm":
         bad("optimize_mem_tokens", "base_lm trains every weight already (and adds no memory "
             "tokens); set it to False")
@@ -217,8 +225,24 @@ def load_start(c: ml_collections.ConfigDict, workdir: str, text_lines) -> dict:
                                    whole_words=words)
         assert made == tok_path
     model_cfg = preset(c.model, vocab_size=vocab)
-    return {"model_cfg": model_cfg, "params": jax.device_get(init_params(
-        model_cfg, jax.random.key(c.seed))), "adapters": None, "tokenizer_path": tok_path}
+    if c.get("rope_theta"):
+        model_cfg = model_cfg.replace(rope_theta=float(c.rope_theta))
+    params = jax.device_get(init_params(model_cfg, jax.random.key(c.seed)))
+    if c.get("lm_head_init", "random") == "embedding":
+        params = head_from_embedding(params)
+    return {"model_cfg": model_cfg, "params": params, "adapters": None,
+            "tokenizer_path": tok_path}
+
+
+def head_from_embedding(params: dict) -> dict:
+    """Base parameters whose output projection `lm_head` [D, V] starts as the transpose of the
+    token embedding [V, D] (the two stay separate weights, as in Mistral). A residual stream
+    that holds a token's embedding then already scores that token highest, so copying a word
+    from the context, the skill a reader needs, is one attention map away instead of also
+    needing an output map learnt from scratch: on the demo's reading lessons the tiny base
+    answers from its document within a few hundred steps instead of not at all."""
+    embedding = params["embed_tokens"]["embedding"]
+    return {**params, "lm_head": {**params["lm_head"], "kernel": np.array(embedding).T.copy()}}
 
 
 # -- 3. data -------------------------------------------------------------------------------
