@@ -147,7 +147,9 @@ def test_the_demo_pipeline_runs_and_resumes_on_a_micro_config(tmp_path):
         "base.batch_size": 8, "pretrain.steps": 3, "pretrain.batch_size": 8,
         "instruct.steps": 2, "instruct.batch_size": 8, "end_to_end.steps": 2,
         "end_to_end.batch_size": 8, "end_to_end.worlds": 1, "eval.limit": 8,
-        "eval.batch_size": 8, "eval.max_new_tokens": 4}
+        "eval.batch_size": 8, "eval.max_new_tokens": 4,
+        # 32 memory tokens at 2x, and a tokenizer trained on a few texts splits more words
+        "pretrain.max_len": 320, "instruct.max_len": 160, "end_to_end.max_len": 160}
     cfg = _demo_config(**overrides)
     first = demo.run(cfg, str(tmp_path / "parallel"))
     systems = {(r["system"], str(r["rate"]), r["setting"], r["stage"]) for r in first["rows"]}
@@ -167,7 +169,7 @@ def test_the_demo_pipeline_runs_and_resumes_on_a_micro_config(tmp_path):
     assert saved["rows"] == first["rows"] and saved["config"]["rates"] == "2,4"
     assert (tmp_path / "results.md").read_text().startswith("| system |")
     assert (tmp_path / "f1_vs_rate.png").stat().st_size > 1000
-    assert len(open(tmp_path / "data" / "base_text.jsonl").readlines()) > 100
+    assert len(open(tmp_path / "data" / "base_text.jsonl").readlines()) >= 40   # a lesson per document
     second = demo.run(cfg, str(tmp_path))            # every stage is reused, not retrained
     assert second["rows"] == first["rows"]
     assert second["seconds"] < first["seconds"]
