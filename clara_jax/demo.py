@@ -53,6 +53,9 @@ FLAGS = flags.FLAGS
 CLARA_STAGES = ("pretrain", "instruct", "end_to_end")
 STAGE_FILES = {"base": "pretrain_base_tiny.py", "pretrain": "pretrain.py",
                "instruct": "instruct.py", "end_to_end": "end_to_end.py"}
+# The fields of the demo's `base` section that are trainer fields of the base's run.
+BASE_TRAINER_FIELDS = ("max_len", "vocab_size", "lm_head_init", "rope_theta", "b2",
+                       "warmup_ratio")
 
 
 # -- data ----------------------------------------------------------------------------------
@@ -168,12 +171,8 @@ def stage_config(cfg, name: str, worlds: dict[str, list[str]], rate: int | None,
     c.scan_layers = cfg.scan_layers
     if name == "base":
         data_dir = os.path.dirname(worlds["base"][0])
-        c.max_len = s.max_len
-        c.vocab_size = s.vocab_size
-        c.lm_head_init = s.lm_head_init
-        c.rope_theta = s.rope_theta
-        c.b2 = s.b2
-        c.warmup_ratio = s.warmup_ratio
+        for field in BASE_TRAINER_FIELDS:
+            c[field] = s[field]
         c.data.train_files = os.path.join(data_dir, "base_text.jsonl")
         c.whole_words = os.path.join(data_dir, "whole_words.txt")
         return c
@@ -203,6 +202,9 @@ def run_stage(c, workdir: str) -> str:
     t0 = time.time()
     print(f"== {c.stage} -> {workdir} ({c.total_steps} steps)", flush=True)
     summary = train_lib.train(c, workdir)
+    if "model_dir" not in summary:   # stopped before total_steps (SIGTERM): resumable
+        raise RuntimeError(f"{workdir}: {c.stage} stopped at step {summary['steps']} of "
+                           f"{c.total_steps}; rerun to resume it")
     last = summary.get("last", {})
     print(f"   {time.time() - t0:.0f} s; loss {last.get('loss', float('nan')):.3f}, "
           f"eval loss {last.get('eval_loss', float('nan')):.3f}", flush=True)
@@ -446,21 +448,18 @@ def plot(rows: list[dict], path: str) -> None:
                 "closed book" if r["system"] == "closed book" else r["setting"]]
             label = r["system"] + ("" if r["system"] == "closed book" else f" ({r['setting']})")
             ax.axhline(r["f1"], color=color, ls=":", label=f"{label} F1")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("compression rate")
-    ax.set_ylabel("F1 / EM (held-out entities)")
-    ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=6)
-    ax.set_title("answers vs compression rate")
     for stage, style in (("before stage 3", "--s"), ("after stage 3", "-o")):
         pts = comp("normal", stage)
         ax_r.plot([p[0] for p in pts], [p[1]["recall@1"] for p in pts], style, label=stage)
-    ax_r.set_xscale("log", base=2)
-    ax_r.set_xlabel("compression rate")
-    ax_r.set_ylabel("Recall@1 of the query reasoner")
-    ax_r.set_ylim(0, 1.02)
-    ax_r.legend(fontsize=7)
-    ax_r.set_title("retrieval, trained by the generator's loss")
+    for axis, ylabel, title in ((ax, "F1 / EM (held-out entities)", "answers vs compression rate"),
+                                (ax_r, "Recall@1 of the query reasoner",
+                                 "retrieval, trained by the generator's loss")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("compression rate")
+        axis.set_ylabel(ylabel)
+        axis.set_ylim(0, 1.02)
+        axis.legend(fontsize=6)
+        axis.set_title(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -546,7 +545,8 @@ def check(cfg, per_question: dict[str, list[float]]) -> tuple[list[str], list[st
 
 # -- the run -------------------------------------------------------------------------------
 
-SHIPPED_BASE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo_base")
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+SHIPPED_BASE = os.path.join(_PACKAGE_DIR, "demo_base")
 # The demo config fields a base depends on (with every field of cfg.base but `shipped`).
 BASE_FIELDS = ("model", "name_style", "doc_style", "num_entities", "num_candidates",
                "questions_per_entity", "places_seed", "top_k", "multi_hop", "doc_max_length",
@@ -554,36 +554,32 @@ BASE_FIELDS = ("model", "name_style", "doc_style", "num_entities", "num_candidat
 
 
 def base_recipe(cfg) -> dict:
-    """Everything that determines the demo's base: the BASE_FIELDS and cfg.base."""
+    """Everything that determines the demo's base, as {dotted config field: value}: the
+    BASE_FIELDS and every field of cfg.base but `shipped`."""
     recipe = {k: cfg[k] for k in BASE_FIELDS}
-    recipe["base"] = {k: v for k, v in cfg.base.to_dict().items() if k != "shipped"}
+    recipe.update({f"base.{k}": v for k, v in cfg.base.items() if k != "shipped"})
     return json.loads(json.dumps(recipe))
 
 
 def shipped_base(cfg) -> str | None:
-    """The model directory of the shipped base when cfg.base.shipped names one (a path
-    relative to the package for "demo_base"), None when it is empty (train the base). Raises
-    ValueError, naming the first differing field, when the config asks for another base than
-    the one shipped, so that an override never silently uses a base it does not describe."""
+    """The model directory of the shipped base when cfg.base.shipped names one (relative to
+    the package, e.g. "demo_base", or absolute), None when it is empty (train the base).
+    Raises ValueError, naming the first differing field, when the config asks for another
+    base than the one shipped, so that an override never silently uses a base it does not
+    describe."""
     if not cfg.base.shipped:
         return None
-    path = cfg.base.shipped
-    if not os.path.isabs(path):
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), path)
+    path = os.path.join(_PACKAGE_DIR, cfg.base.shipped)   # an absolute path stays as it is
     info_path = os.path.join(path, "base_info.json")
     if not os.path.exists(info_path):
         raise FileNotFoundError(f"config.base.shipped: {path} has no base_info.json (make one "
                                 f"with --only=base --export_base=DIR, or pass "
                                 f"--config.base.shipped= to train the base)")
-    shipped = json.load(open(info_path))["recipe"]
-    wanted = base_recipe(cfg)
-    flat = lambda d, pre="": {k2: v2 for k, v in d.items() for k2, v2 in (
-        flat(v, f"{pre}{k}.").items() if isinstance(v, dict) else [(f"{pre}{k}", v)])}
-    diff = [k for k in sorted(set(flat(wanted)) | set(flat(shipped)))
-            if flat(wanted).get(k) != flat(shipped).get(k)]
+    shipped, wanted = json.load(open(info_path))["recipe"], base_recipe(cfg)
+    diff = sorted(k for k in set(wanted) | set(shipped) if wanted.get(k) != shipped.get(k))
     if diff:
-        raise ValueError(f"config.{diff[0]}: {flat(wanted).get(diff[0])!r} differs from the "
-                         f"shipped base's {flat(shipped).get(diff[0])!r} ({path}); pass "
+        raise ValueError(f"config.{diff[0]}: {wanted.get(diff[0])!r} differs from the "
+                         f"shipped base's {shipped.get(diff[0])!r} ({path}); pass "
                          f"--config.base.shipped= to train a base for this config")
     return os.path.join(path, "model")
 

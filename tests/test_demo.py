@@ -118,6 +118,40 @@ def test_the_shipped_base_is_used_only_for_the_config_it_was_made_with(tmp_path)
         demo.shipped_base(_demo_config(**{"base.shipped": str(tmp_path)}))
 
 
+def test_a_stage_that_stops_early_is_an_error_naming_it(tmp_path, monkeypatch):
+    """A stage stopped before its last step (SIGTERM: the trainer saves and returns without
+    exporting a model) stops the demo with the stage and its step, not a KeyError."""
+    from clara_jax.train import train as train_lib
+    cfg = _demo_config()
+    worlds = {"clara": [str(tmp_path / "w0")], "base": []}
+    c = demo.stage_config(cfg, "instruct", worlds, 4, str(tmp_path / "base"))
+    monkeypatch.setattr(train_lib, "train", lambda c, wd: {"stage": c.stage, "steps": 2,
+                                                           "last": {}})
+    with pytest.raises(RuntimeError, match=r"instruct stopped at step 2 of 150; rerun"):
+        demo.run_stage(c, str(tmp_path / "instruct"))
+
+
+def test_a_base_without_encoder_reads_only_full_text_with_the_gold_document(tmp_path):
+    """The shipped base as a `Clara` without adapters: full text in the oracle setting works
+    (the gold document, no retrieval metric); what needs an encoder is refused, naming it."""
+    from clara_jax.eval.evaluate import evaluate
+    cfg = _demo_config()
+    synthetic.generate_corpus(str(tmp_path / "w"), seed=7, num_entities=120, k=1,
+                              multi_hop=False, questions_per_entity=4, name_style="lists",
+                              doc_style="plain")
+    records = demo.read_eval_records(cfg, str(tmp_path / "w" / "eval.jsonl"))[:8]
+    base = demo.base_as_clara(cfg, demo.shipped_base(cfg))
+    summary, preds = evaluate(base, records, mode="full_text", setting="oracle", top_k=1,
+                              batch_size=8, max_new_tokens=4, adapter=None)
+    assert summary["n"] == 8 and "recall@1" not in summary
+    assert all(p["selected"] == p["pos_index"] for p in preds)
+    for mode, setting in (("compressed", "oracle"), ("full_text", "normal")):
+        with pytest.raises(ValueError, match=f"mode '{mode}', setting '{setting}' needs an "
+                                             f"encoder adapter"):
+            evaluate(base, records, mode=mode, setting=setting, top_k=1, batch_size=8,
+                     adapter=None)
+
+
 def test_cpu_groups_split_this_process_cpus():
     cpus = sorted(os.sched_getaffinity(0))
     for n in (1, 2, 3, 64):

@@ -190,6 +190,17 @@ FILLER = ["Records from that time are incomplete.", "Local archives mention this
 DOC_STYLES = ("varied", "plain")
 
 
+def _fact_sentences(e: dict, rng: random.Random, style: str) -> list[str]:
+    """The entity's facts in shuffled order, each in a random one of its wordings ("varied")
+    or in its first ("plain")."""
+    if style not in DOC_STYLES:
+        raise ValueError(f"document style must be one of {DOC_STYLES}, got {style!r}")
+    facts = _facts(e)
+    rng.shuffle(facts)
+    return [(p[0] if style == "plain" else rng.choice(p)).format(n=e["name"])
+            for _, p in facts]
+
+
 def document(e: dict, rng: random.Random, filler_first: bool = False,
              style: str = "varied") -> str:
     """One document about an entity: its facts in shuffled order and a filler sentence (first
@@ -198,18 +209,11 @@ def document(e: dict, rng: random.Random, filler_first: bool = False,
     text-RAG prompt). style "varied": each fact in one of three wordings, and filler up to
     about 30 words; "plain": each fact in its first wording and one filler sentence, so that
     a document is a few dozen tokens."""
-    if style not in DOC_STYLES:
-        raise ValueError(f"document style must be one of {DOC_STYLES}, got {style!r}")
-    facts = _facts(e)
-    rng.shuffle(facts)
-    if style == "plain":
-        sentences = [p[0].format(n=e["name"]) for _, p in facts]
-        sentences.insert(0 if filler_first else rng.randrange(len(sentences) + 1),
-                         rng.choice(FILLER))
-        return " ".join(sentences)
-    sentences = [rng.choice(p).format(n=e["name"]) for _, p in facts]
+    sentences = _fact_sentences(e, rng, style)
     sentences.insert(0 if filler_first else rng.randrange(len(sentences) + 1),
                      rng.choice(FILLER))
+    if style == "plain":
+        return " ".join(sentences)
     while len(" ".join(sentences).split()) < 30:  # at least ~40 subword tokens
         sentences.append(rng.choice(FILLER))
     return " ".join(sentences)
@@ -240,10 +244,7 @@ def complex_question(e: dict) -> tuple[str, str]:
 
 def paraphrase(e: dict, rng: random.Random, style: str = "varied") -> str:
     """The entity's facts in another order (and, for style "varied", other wordings)."""
-    facts = _facts(e)
-    rng.shuffle(facts)
-    return " ".join((p[0] if style == "plain" else rng.choice(p)).format(n=e["name"])
-                    for _, p in facts)
+    return " ".join(_fact_sentences(e, rng, style))
 
 
 def generate_corpus(out_dir: str, seed: int = 0, num_entities: int = 240,

@@ -177,11 +177,13 @@ def evaluate(model: Clara, records: list[dict], *, mode: str = "compressed",
     golds = [gold_answers(r, i) for i, r in enumerate(records)]
     pos = [sorted(set(r.get("pos_index") or [])) for r in records]
     uses_docs = mode != "closed_book"
-    # Full text in the oracle setting on a model without an encoder (a base before any CLaRa
-    # stage): nothing ranks the candidates, so the gold documents are filled up to top_k with
-    # the others in their given order, and no retrieval metric is reported.
-    ranks = uses_docs and not (mode == "full_text" and setting == "oracle"
-                               and "encoder" not in model.adapters)
+    # A model without an encoder (a base before any CLaRa stage) cannot rank candidates: it
+    # reads full text in the oracle setting, the gold documents filled up to top_k with the
+    # others in their given order, and reports no retrieval metric.
+    ranks = uses_docs and "encoder" in model.adapters
+    if uses_docs and not ranks and (mode == "compressed" or setting == "normal"):
+        raise ValueError(f"mode {mode!r}, setting {setting!r} needs an encoder adapter (to "
+                         f"compress or rank documents); this model has {sorted(model.adapters)}")
 
     row_of: dict[str, int] = {}
     states = None

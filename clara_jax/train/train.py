@@ -83,9 +83,10 @@ def validate_config(c: ml_collections.ConfigDict, n_devices: int | None = None) 
     if c.batch_size % batch_shards:
         axes = "data x fsdp" if c.mesh.get("dcn_data", 1) == 1 else "dcn_data x data x fsdp"
         bad("batch_size", f"{c.batch_size} is not divisible by mesh {axes} = {batch_shards}")
-    if c.get("lm_head_init", "random") not in ("random", "embedding"):
-        bad("lm_head_init", f"must be 'random' or 'embedding', got {c.lm_head_init!r}")
-    if c.get("lm_head_init", "random") == "embedding" and (c.stage != "base_lm" or c.init_from):
+    head_init = c.get("lm_head_init", "random")
+    if head_init not in ("random", "embedding"):
+        bad("lm_head_init", f"must be 'random' or 'embedding', got {head_init!r}")
+    if head_init == "embedding" and (c.stage != "base_lm" or c.init_from):
         bad("lm_head_init", "'embedding' initialises a base trained from scratch (stage "
             "base_lm, empty init_from); this run starts from existing weights")
     if c.get("rope_theta") is not None and (c.rope_theta <= 0 or c.init_from):
