@@ -247,3 +247,21 @@ def test_make_demo_passes_its_own_check(tmp_path):
     for rate in cfg.rates.split(","):
         assert rows[("compressed", rate, "normal", "after stage 3")]["recall@1"] is not None
     assert (tmp_path / "f1_vs_rate.png").stat().st_size > 1000
+
+
+def test_em_by_question_kind_averages_each_kind_and_column():
+    """kind_table groups the per-question scores by question kind, one column per system
+    present (closed book, full text, each rate's compressed oracle after stage 3)."""
+    records = [{"question": q} for q in ("Where was Ann Bo born?", "Who founded Tolpa Guild?",
+                                         "Where was Cy Do born?", "Who founded Rildou House?")]
+    pq = {"closed book/-/-//em": [0, 0, 0, 1], "full text/1/oracle//em": [1, 1, 0, 1],
+          "compressed/4/oracle/after stage 3/em": [1, 0, 1, 0],
+          "compressed/4/normal/after stage 3/em": [0, 0, 0, 0]}
+    table, by_kind = demo.kind_table(records, pq)
+    assert by_kind == {"birthplace": {"n": 2, "closed book": 0.0, "full text": 0.5,
+                                      "4x (oracle)": 1.0},
+                       "founder": {"n": 2, "closed book": 0.5, "full text": 1.0,
+                                   "4x (oracle)": 0.0}}
+    assert table.splitlines()[0] == ("| question kind | n | EM closed book | EM full text | "
+                                     "EM 4x (oracle) |")
+    assert "| birthplace | 2 | 0.00 | 0.50 | 1.00 |" in table

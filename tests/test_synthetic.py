@@ -124,3 +124,21 @@ def test_list_named_worlds_answer_in_whole_tokens(tmp_path):
         synthetic.World(1, 20, 10, 100, 3, name_style="lists")
     with pytest.raises(ValueError, match="whole_words must be non-empty words"):
         train_sentencepiece(lines, str(tmp_path / "sp2"), 900, whole_words=["two words"])
+
+
+def test_every_question_has_its_kind(corpus):
+    """question_kind names the template of every question the generator writes, and the
+    answer is the entity field that kind asks for (so the demo's EM-by-kind table is
+    about what it says); any other text is "other"."""
+    out, _ = corpus
+    recs = [json.loads(line) for line in open(os.path.join(out, "eval.jsonl"))]
+    kinds = [synthetic.question_kind(r["question"]) for r in recs]
+    assert "other" not in kinds
+    assert {"birthplace", "birth year", "founder", "founding year"} <= set(kinds)
+    for r, kind in zip(recs, kinds):
+        gold = r["docs"][r["pos_index"][0]]
+        if kind in ("birth year", "founding year"):
+            assert r["answer"].isdigit() and r["answer"] in gold
+    assert synthetic.question_kind("Who founded?") == "other"
+    assert synthetic.question_kind("Where is the river?") == "other"
+    assert synthetic.question_kind("Where is Tolpa Guild based?") == "headquarters"

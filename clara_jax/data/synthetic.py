@@ -219,17 +219,38 @@ def document(e: dict, rng: random.Random, filler_first: bool = False,
     return " ".join(sentences)
 
 
+# The one-fact question of each kind ({n}: the entity's name) and the entity field answering it.
+QUESTION_TEMPLATES = {
+    "person": (("birthplace", "Where was {n} born?", "city"),
+               ("birth year", "In which year was {n} born?", "year"),
+               ("occupation", "What was the occupation of {n}?", "occupation"),
+               ("employer", "Who employed {n}?", "employer")),
+    "org": (("founder", "Who founded {n}?", "founder"),
+            ("founding year", "When was {n} founded?", "year"),
+            ("headquarters", "Where is {n} based?", "city"),
+            ("industry", "What industry is {n} in?", "industry")),
+    "city": (("country", "In which country is {n}?", "country"),
+             ("founding year", "When was {n} founded?", "year")),
+}
+MULTI_HOP_TEMPLATE = ("founder's birthplace", "In which city was the founder of {n} born?")
+
+
 def questions(e: dict) -> list[tuple[str, str]]:
-    """Simple one-fact (question, answer) pairs about an entity."""
-    n = e["name"]
-    if e["type"] == "person":
-        return [(f"Where was {n} born?", e["city"]), (f"In which year was {n} born?", str(e["year"])),
-                (f"What was the occupation of {n}?", e["occupation"]),
-                (f"Who employed {n}?", e["employer"])]
-    if e["type"] == "org":
-        return [(f"Who founded {n}?", e["founder"]), (f"When was {n} founded?", str(e["year"])),
-                (f"Where is {n} based?", e["city"]), (f"What industry is {n} in?", e["industry"])]
-    return [(f"In which country is {n}?", e["country"]), (f"When was {n} founded?", str(e["year"]))]
+    """Simple one-fact (question, answer) pairs about an entity (QUESTION_TEMPLATES)."""
+    return [(template.format(n=e["name"]), str(e[field]))
+            for _, template, field in QUESTION_TEMPLATES[e["type"]]]
+
+
+def question_kind(question: str) -> str:
+    """The kind of a synthetic question ("birthplace", "founding year", ... as in
+    QUESTION_TEMPLATES and MULTI_HOP_TEMPLATE), or "other" for any other text."""
+    kinds = [(k, t) for group in QUESTION_TEMPLATES.values() for k, t, _ in group]
+    for kind, template in kinds + [MULTI_HOP_TEMPLATE]:
+        head, tail = template.split("{n}")
+        if question.startswith(head) and question.endswith(tail) and \
+                len(question) > len(head) + len(tail):
+            return kind
+    return "other"
 
 
 def complex_question(e: dict) -> tuple[str, str]:
@@ -323,7 +344,7 @@ def generate_corpus(out_dir: str, seed: int = 0, num_entities: int = 240,
                 single.append((q, a, [e]))
         for o in by_type(ents, "org") if multi_hop else []:
             founder = next(p for p in world.people if p["name"] == o["founder"])
-            multi.append((f"In which city was the founder of {o['name']} born?",
+            multi.append((MULTI_HOP_TEMPLATE[1].format(n=o["name"]),
                           founder["city"], [o, founder]))
         instruct, e2e = [], []
         for q, a, gold in single + multi:
