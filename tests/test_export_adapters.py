@@ -14,7 +14,7 @@ from clara_jax.clara.config import ClaraConfig
 from clara_jax.clara.model import Clara
 from clara_jax.clara.tokenizer import ClaraTokenizer, train_sentencepiece
 from clara_jax.convert import adapters as bundle_lib
-from clara_jax.convert.hf_mistral import save_checkpoint
+from clara_jax.clara.formats.hf_mistral import save_checkpoint
 from clara_jax.model.config import preset
 from clara_jax.model.lora import LoraConfig
 from clara_jax.model.mistral import init_params
@@ -114,8 +114,8 @@ def test_cli_exports_apple_format_and_adapters_from_a_work_directory(trained, tm
     """`export-apple` and `export-adapters` accept a training work directory; the Apple
     release reads back (over the base) to the same arrays, the bundle imports via the CLI."""
     torch = pytest.importorskip("torch")
-    from clara_jax.convert.apple import load_apple
-    from clara_jax.convert.hf_mistral import load_checkpoint
+    from clara_jax.clara.formats.apple import load_apple
+    from clara_jax.clara.formats.hf_mistral import load_checkpoint
 
     def cli(*args):
         proc = subprocess.run([sys.executable, "-m", "clara_jax.convert", *args], cwd=ROOT,

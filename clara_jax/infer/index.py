@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from clara_jax import parallel
 from clara_jax.clara import prompts
-from clara_jax.clara.model import compress_jit, map_in_padded_batches
+from clara_jax.clara.compress import compress_jit, map_in_padded_batches
 from clara_jax.clara.retrieval import l2_normalize
 from clara_jax.model.mistral import parameter_shardings
 
