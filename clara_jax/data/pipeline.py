@@ -107,7 +107,7 @@ class Featurize(grain.transforms.Map):
 
 def featurize_batch(records: Sequence[dict], tokenizer: ClaraTokenizer, spec: FeatureSpec,
                     seed: int = 0) -> dict[str, np.ndarray]:
-    """Every record (normalised, as `formats.normalise` makes them) featurized and stacked:
+    """Every record (normalised, as `data.formats.normalise` makes them) featurized and stacked:
     one batch [len(records), ...] for `clara_jax.clara.losses.stage_loss(spec.stage)`, without
     a dataset (a loss on a few examples, tests)."""
     featurize = Featurize(records, tokenizer, spec, seed)
