@@ -1,6 +1,6 @@
 """clara-jax: CLaRa (continuous latent reasoning for RAG) in JAX/Flax.
 
-Public API: `Clara` (load, compress, retrieve, generate, loss), `straight_through_topk`.
+Public API: `Clara` (load, save, compress, retrieve, generate), `straight_through_topk`.
 """
 
 __version__ = "0.1.0"

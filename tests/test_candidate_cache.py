@@ -14,6 +14,7 @@ from clara_jax.clara.config import ClaraConfig
 from clara_jax.clara.model import Clara
 from clara_jax.clara.tokenizer import ClaraTokenizer, train_sentencepiece
 from clara_jax.data import synthetic
+from clara_jax.data.pipeline import FeatureSpec, featurize_batch
 from clara_jax.infer.index import default_mesh
 from clara_jax.model.config import preset
 from clara_jax.model.lora import LoraConfig
@@ -65,11 +66,14 @@ def test_cached_step_equals_compressing_step(setup, tmp_path):
         progress=False)
     distinct = {t for r in records for t in r["docs"]}
     assert cache.table.shape == (len(distinct), DOC_MAX // RATE, 64) and len(distinct) < 24
-    plain = model.make_batch(setup["questions"], [r["docs"] for r in records], setup["answers"],
-                             "end_to_end", max_len=256)
+    spec = FeatureSpec("end_to_end", DOC_MAX, model.config.n_mem, max_len=256, k=K,
+                       num_candidates=6)
+    examples = [{"question": q, "docs": r["docs"], "answers": [a], "pos_index": [0],
+                 "source": f"test:{i}"}
+                for i, (q, r, a) in enumerate(zip(setup["questions"], records, setup["answers"]))]
+    plain = featurize_batch(examples, model.tokenizer, spec)   # "index": record positions 0..3
     rows = cache.record_rows(records)
-    cached = candidate_cache.CandidateCache.swap_in(
-        {**{k: np.asarray(v) for k, v in plain.items()}, "index": np.arange(4)}, rows)
+    cached = candidate_cache.CandidateCache.swap_in(dict(plain), rows)
     cached.pop("index")
     assert "doc_ids" not in cached and cached["doc_index"].shape == (4, 6)
     cached["doc_table"] = cache.table

@@ -12,13 +12,15 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from clara_jax.clara import losses  # noqa: E402
+from clara_jax.clara import generation, losses  # noqa: E402
 from clara_jax.clara.compress import compress  # noqa: E402
-from clara_jax.clara.retrieval import encode_queries  # noqa: E402
-from clara_jax.convert import apple  # noqa: E402
-from clara_jax.convert.hf_mistral import load_hf_mistral  # noqa: E402
+from clara_jax.clara.config import canonical_stage  # noqa: E402
+from clara_jax.clara.formats import apple  # noqa: E402
+from clara_jax.clara.formats.hf_mistral import load_hf_mistral  # noqa: E402
 from clara_jax.clara.model import Clara  # noqa: E402
+from clara_jax.clara.retrieval import encode_queries  # noqa: E402
 from clara_jax.clara.tokenizer import train_sentencepiece  # noqa: E402
+from clara_jax.data.pipeline import FeatureSpec, featurize_batch  # noqa: E402
 from clara_jax.model.mistral import Mistral  # noqa: E402
 
 V0, D, L, H, KV, HD, F = 320, 64, 2, 4, 2, 16, 96
@@ -323,7 +325,8 @@ def test_clara_greedy_generation_matches_peft_generate(release, clara):
     docs = [DOCS[0:2], DOCS[2:4], DOCS[4:6]]
     out = clara.generate_from_text(questions, docs, max_new_tokens=12)
     states = clara.compress_documents(sum(docs, [])).reshape(3, 2, N_MEM, D)
-    batch = clara._prompts(questions, 2, "instruct")
+    batch = generation.memory_prompts(clara.tokenizer, questions, 2, "instruct",
+                                      clara.length_bucket)
     assert batch.input_ids.shape[1] % 64 == 0
     ref = torch_generate(release["hf"], states, batch.input_ids.astype(np.int64),
                          batch.attention_mask.astype(np.int64), 2)
@@ -353,16 +356,30 @@ def test_clara_generate_from_questions_retrieves_like_reference(release, clara):
         clara.generate_from_questions(questions, docs, k=6)
 
 
+def example_loss(model, question, docs, answer, stage):
+    """A stage's loss on one example, in eval mode: the batch from the data pipeline, the loss
+    from `losses` (what training computes)."""
+    stage = canonical_stage(stage)
+    spec = FeatureSpec(stage, model.config.doc_max_length, model.config.n_mem, max_len=512,
+                       k=len(docs))
+    record = {"question": question, "docs": docs, "answers": [answer], "source": "test:1"}
+    batch = featurize_batch([record], model.tokenizer, spec)
+    loss, metrics = losses.stage_loss(stage)(model.model, model.params, model.adapters,
+                                             jax.tree_util.tree_map(jnp.asarray, batch),
+                                             model.config)
+    return {"loss": float(loss), "mse_loss": float(metrics["mse_loss"])}
+
+
 def test_clara_save_load_and_loss(clara, tmp_path):
     clara.save(str(tmp_path / "saved"))
     loaded = Clara.load(str(tmp_path / "saved"), batch_size=4)
     np.testing.assert_array_equal(loaded.compress_documents(DOCS[:2]),
                                   clara.compress_documents(DOCS[:2]))
-    a = clara.loss(["Who was born in 1901?"], [DOCS[:2]], ["Ana Rok"], stage="instruct")
-    b = loaded.loss(["Who was born in 1901?"], [DOCS[:2]], ["Ana Rok"], stage="stage1_2")
+    a = example_loss(clara, "Who was born in 1901?", DOCS[:2], "Ana Rok", stage="instruct")
+    b = example_loss(loaded, "Who was born in 1901?", DOCS[:2], "Ana Rok", stage="stage1_2")
     assert a == b and a["loss"] > 0 and a["mse_loss"] > 0
     with pytest.raises(ValueError, match="unknown stage"):
-        clara.loss(["q"], [DOCS[:1]], ["a"], stage="stage9")
+        example_loss(clara, "q", DOCS[:1], "a", stage="stage9")
     with pytest.raises(ValueError, match="empty"):
         clara.compress_documents(["fine", "  "])
 
@@ -393,18 +410,22 @@ def test_shared_prompt_prefix_changes_no_token(release, clara):
     tokens as prefilling every row in full, compressed and as text."""
     full = Clara.from_apple(str(release["clara_dir"]), str(release["base_dir"]), batch_size=4,
                             share_prefix=False)
-    batch = clara._prompts(["Who?", "Where was Ana Rok born?"], 2, "instruct")
-    ids, mask, mem, prefix = clara._split_prefix(batch)
+    batch = generation.memory_prompts(clara.tokenizer, ["Who?", "Where was Ana Rok born?"], 2,
+                                      "instruct", clara.length_bucket)
+    ids, mask, mem, prefix = generation.split_prefix(clara.tokenizer, batch, clara.length_bucket,
+                                                     clara.share_prefix)
     first = int(batch.mem_positions[0, 0] - (batch.input_ids.shape[1] -
                                               batch.attention_mask[0].sum()))
     assert prefix.shape == (1, first)  # the instruction text up to the first memory slot
-    assert full._split_prefix(batch)[3] is None
+    assert generation.split_prefix(full.tokenizer, batch, full.length_bucket,
+                                   full.share_prefix)[3] is None
     from clara_jax.clara import prompts
     # Text prompts share the system message only, even when their documents are the same.
     text = prompts.text_batch(clara.tokenizer, ["Who?", "Where?"], [DOCS[:2], DOCS[:2]], None,
                               max_len=256)
     system = clara.tokenizer.encode(prompts.system_prefix(prompts.SYSTEM_ANSWER))
-    assert 0 < clara._split_prefix(text)[3].shape[1] <= len(system)
+    assert 0 < generation.split_prefix(clara.tokenizer, text, clara.length_bucket,
+                                       clara.share_prefix)[3].shape[1] <= len(system)
     questions, docs = ["Who was born in 1901?", "Where?", "What did Bo Sel found?"], \
         [DOCS[0:2], DOCS[2:4], DOCS[4:6]]
     for call in (lambda m: m.generate_from_text(questions, docs, max_new_tokens=10),

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from clara_jax.convert import hf_mistral, safetensors_io  # noqa: E402
+from clara_jax.clara.formats import hf_mistral, safetensors_io  # noqa: E402
 
 
 @pytest.fixture(scope="module")

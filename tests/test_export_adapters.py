@@ -10,11 +10,12 @@ import jax
 import numpy as np
 import pytest
 
+from clara_jax.clara import formats
 from clara_jax.clara.config import ClaraConfig
 from clara_jax.clara.model import Clara
 from clara_jax.clara.tokenizer import ClaraTokenizer, train_sentencepiece
 from clara_jax.convert import adapters as bundle_lib
-from clara_jax.convert.hf_mistral import save_checkpoint
+from clara_jax.clara.formats.hf_mistral import save_checkpoint
 from clara_jax.model.config import preset
 from clara_jax.model.lora import LoraConfig
 from clara_jax.model.mistral import init_params
@@ -90,6 +91,21 @@ def test_bundle_round_trip_over_the_base_is_identical(trained, tmp_path):
     assert_same(Clara.load(str(tmp_path / "imported")).adapters, clara.adapters)
 
 
+def test_load_detects_the_format(trained, tmp_path):
+    """`Clara.load` reads a saved model, a work directory or a bundle over its base; a bundle
+    without a base, or a directory of no format, fails saying what is missing."""
+    bundle_lib.export_trainable(trained["clara"], str(tmp_path / "bundle"))
+    assert formats.detect(trained["workdir"]) == formats.OURS
+    assert formats.detect(str(tmp_path / "bundle")) == formats.BUNDLE
+    back = Clara.load(str(tmp_path / "bundle"), base_model_dir=trained["base"])
+    assert_same(back.params, trained["clara"].params)
+    assert_same(back.adapters, trained["clara"].adapters)
+    with pytest.raises(ValueError, match="pass base_model_dir"):
+        Clara.load(str(tmp_path / "bundle"))
+    with pytest.raises(FileNotFoundError, match="not a CLaRa checkpoint"):
+        Clara.load(str(tmp_path))
+
+
 def test_bundle_over_the_wrong_base_or_with_a_bad_tensor_fails_naming_it(trained, tmp_path):
     bundle = tmp_path / "bundle"
     bundle_lib.export_trainable(trained["clara"], str(bundle))
@@ -114,8 +130,8 @@ def test_cli_exports_apple_format_and_adapters_from_a_work_directory(trained, tm
     """`export-apple` and `export-adapters` accept a training work directory; the Apple
     release reads back (over the base) to the same arrays, the bundle imports via the CLI."""
     torch = pytest.importorskip("torch")
-    from clara_jax.convert.apple import load_apple
-    from clara_jax.convert.hf_mistral import load_checkpoint
+    from clara_jax.clara.formats.apple import load_apple
+    from clara_jax.clara.formats.hf_mistral import load_checkpoint
 
     def cli(*args):
         proc = subprocess.run([sys.executable, "-m", "clara_jax.convert", *args], cwd=ROOT,

@@ -5,13 +5,21 @@ n memory tokens (see `prompts.encode_documents`), so the memory tokens are alway
 positions. It runs through the frozen base under the `encoder` adapter with Hugging Face's
 default positions (0..L-1, padding included), as the official code does; only the final
 (normed) hidden states are computed, never the vocabulary projection.
+
+`compress_texts` runs this on strings in fixed-size batches (one compiled program).
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Callable, Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from clara_jax.clara import prompts
+from clara_jax.clara.tokenizer import ClaraTokenizer
 from clara_jax.model.mistral import Mistral
 
 
@@ -50,3 +58,37 @@ def compress(model: Mistral, base: dict, adapter: dict | None, ids: jax.Array, m
     hidden = encode_memory_states(model, base, adapter, ids, mask, n_mem,
                                   deterministic=deterministic, rng=rng)
     return hidden[:, -n_mem:], memory_alignment_mse(hidden, mask, n_mem)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "n_mem"))
+def compress_jit(model: Mistral, base: dict, adapter: dict | None, ids: jax.Array,
+                 mask: jax.Array, n_mem: int) -> tuple[jax.Array, jax.Array]:
+    """Jitted `compress`: (memory states [B, n, D], MSE term) in eval mode."""
+    return compress(model, base, adapter, ids, mask, n_mem)
+
+
+def map_in_padded_batches(fn: Callable[[np.ndarray, np.ndarray], jax.Array | np.ndarray],
+                          ids: np.ndarray, mask: np.ndarray, batch_size: int) -> np.ndarray:
+    """fn(ids, mask) over rows [R, L] in batches of exactly batch_size rows (the last one
+    padded by repeating its final row, so one compiled program serves every batch); the
+    outputs' first R rows, concatenated (numpy)."""
+    outs = []
+    for start in range(0, len(ids), batch_size):
+        cid, cmask = ids[start:start + batch_size], mask[start:start + batch_size]
+        n = len(cid)
+        if n < batch_size:
+            cid = np.concatenate([cid, np.repeat(cid[-1:], batch_size - n, 0)])
+            cmask = np.concatenate([cmask, np.repeat(cmask[-1:], batch_size - n, 0)])
+        outs.append(np.asarray(fn(cid, cmask))[:n])
+    return np.concatenate(outs)
+
+
+def compress_texts(model: Mistral, base: dict, adapter: dict | None, tok: ClaraTokenizer,
+                   texts: Sequence[str], doc_max_length: int, n_mem: int, batch_size: int
+                   ) -> np.ndarray:
+    """Memory states [len(texts), n_mem, D] (float32) of texts encoded as documents (cut at
+    doc_max_length tokens, as the official code does)."""
+    ids, mask, _ = prompts.encode_documents(tok, texts, doc_max_length, n_mem)
+    fn = lambda i, m: compress_jit(model, base, adapter, jnp.asarray(i), jnp.asarray(m),
+                                   n_mem)[0]
+    return map_in_padded_batches(fn, ids, mask, batch_size).astype(np.float32)

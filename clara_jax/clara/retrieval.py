@@ -7,10 +7,15 @@ documents by cosine similarity.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from clara_jax.clara.compress import encode_memory_states
+from clara_jax.clara import prompts
+from clara_jax.clara.compress import encode_memory_states, map_in_padded_batches
+from clara_jax.clara.tokenizer import ClaraTokenizer
 from clara_jax.model.mistral import Mistral
 
 
@@ -34,3 +39,26 @@ def cosine_scores(queries: jax.Array, docs: jax.Array) -> jax.Array:
     q = l2_normalize(queries.astype(jnp.float32))
     d = l2_normalize(docs.astype(jnp.float32))
     return jnp.einsum("bf,bnf->bn", q, d)
+
+
+_encode_queries_jit = jax.jit(encode_queries, static_argnames=("model", "n_mem"))
+
+
+def encode_question_texts(model: Mistral, base: dict, adapter: dict | None,
+                          tok: ClaraTokenizer, questions: Sequence[str], doc_max_length: int,
+                          n_mem: int, batch_size: int) -> np.ndarray:
+    """Query representations [len(questions), n_mem * D] (questions encoded like documents,
+    in fixed-size batches)."""
+    ids, mask, _ = prompts.encode_documents(tok, questions, doc_max_length, n_mem)
+    fn = lambda i, m: _encode_queries_jit(model, base, adapter, jnp.asarray(i), jnp.asarray(m),
+                                          n_mem)
+    return map_in_padded_batches(fn, ids, mask, batch_size)
+
+
+def top_k(queries: jax.Array, candidates: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The k best of candidates [B, N, ...] (flattened per candidate) by cosine with
+    queries [B, F]: (indices [B, k], scores [B, k]), descending."""
+    b, n = candidates.shape[:2]
+    scores = cosine_scores(queries, candidates.reshape(b, n, -1))
+    top_scores, top_idx = jax.lax.top_k(scores, k)
+    return top_idx, top_scores

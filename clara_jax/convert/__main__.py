@@ -1,4 +1,4 @@
-"""Checkpoint conversion.
+"""Checkpoint conversion: the command line over `clara_jax.clara.formats`.
 
     python -m clara_jax.convert hf-mistral --model_dir HF_DIR --out_dir CKPT [--dtype bfloat16]
     python -m clara_jax.convert export-hf --checkpoint CKPT --out_dir HF_DIR [--dtype ...]
@@ -13,6 +13,12 @@ import os
 import time
 
 from absl import app, flags
+
+from clara_jax.clara.formats import bundle
+from clara_jax.clara.formats.hf_mistral import (convert_hf_to_checkpoint, load_checkpoint,
+                                                save_hf_mistral)
+from clara_jax.clara.model import Clara
+from clara_jax.convert.adapters import export_trainable, import_trainable
 
 flags.DEFINE_string("model_dir", None, "Hugging Face Mistral directory (config.json, safetensors).")
 flags.DEFINE_string("checkpoint", None, "Our checkpoint directory (or a saved Clara).")
@@ -38,40 +44,34 @@ def main(argv):
         raise app.UsageError(f"usage: python -m clara_jax.convert {{{'|'.join(VERBS)}}} ...")
     verb, t0 = argv[1], time.time()
     if verb == "hf-mistral":
-        from clara_jax.convert.hf_mistral import convert_hf_to_checkpoint
         _need("model_dir", "out_dir")
         cfg = convert_hf_to_checkpoint(FLAGS.model_dir, FLAGS.out_dir, FLAGS.dtype,
                                        FLAGS.overwrite)
         print(f"{FLAGS.model_dir} -> {FLAGS.out_dir}: {cfg.num_params:,} parameters, "
               f"{cfg.param_dtype}, {time.time() - t0:.1f} s")
     elif verb == "export-hf":
-        from clara_jax.convert.hf_mistral import load_checkpoint, save_hf_mistral
         _need("checkpoint", "out_dir")
         cfg, params = load_checkpoint(FLAGS.checkpoint)
         save_hf_mistral(cfg, params, FLAGS.out_dir, FLAGS.dtype)
         print(f"{FLAGS.checkpoint} -> {FLAGS.out_dir} (HF safetensors), "
               f"{time.time() - t0:.1f} s")
     elif verb == "apple":
-        from clara_jax.clara.model import Clara
         _need("clara_dir", "base_model_dir", "out_dir")
         Clara.from_apple(FLAGS.clara_dir, FLAGS.base_model_dir, FLAGS.dtype).save(FLAGS.out_dir)
         print(f"{FLAGS.clara_dir} over {FLAGS.base_model_dir} -> {FLAGS.out_dir}, "
               f"{time.time() - t0:.1f} s")
     elif verb == "export-adapters":
-        from clara_jax.convert.adapters import TENSORS_FILE, export_trainable
         _need("checkpoint", "out_dir")
         export_trainable(FLAGS.checkpoint, FLAGS.out_dir)
-        size = os.path.getsize(os.path.join(FLAGS.out_dir, TENSORS_FILE))
+        size = os.path.getsize(os.path.join(FLAGS.out_dir, bundle.TENSORS_FILE))
         print(f"{FLAGS.checkpoint} -> {FLAGS.out_dir} (adapters + added-token rows, "
               f"{size / 2**20:.1f} MiB), {time.time() - t0:.1f} s")
     elif verb == "import-adapters":
-        from clara_jax.convert.adapters import import_trainable
         _need("adapters_dir", "base_model_dir", "out_dir")
         import_trainable(FLAGS.adapters_dir, FLAGS.base_model_dir).save(FLAGS.out_dir)
         print(f"{FLAGS.adapters_dir} over {FLAGS.base_model_dir} -> {FLAGS.out_dir}, "
               f"{time.time() - t0:.1f} s")
     else:
-        from clara_jax.clara.model import Clara
         _need("checkpoint", "out_dir")
         Clara.load(FLAGS.checkpoint).export_apple(FLAGS.out_dir)
         print(f"{FLAGS.checkpoint} -> {FLAGS.out_dir} (Apple format), {time.time() - t0:.1f} s")

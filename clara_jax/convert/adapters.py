@@ -1,189 +1,27 @@
-"""The trained part of a CLaRa model on its own: adapters + the added tokens' rows.
+"""Adapter bundles for a `Clara` (the format itself: `clara_jax.clara.formats.bundle`).
 
     python -m clara_jax.convert export-adapters --checkpoint WORKDIR_OR_MODEL --out_dir BUNDLE
     python -m clara_jax.convert import-adapters --adapters_dir BUNDLE \
         --base_model_dir BASE --out_dir MODEL
-
-Training changes only the LoRA adapters and the embedding / lm_head rows of the special tokens
-appended to the base vocabulary (`<MEM..>`, `<AE>`, `<ENC>`, `<SEP>`: ids >= the tokenizer's
-base vocabulary; with `optimize_mem_tokens` the memory rows are trained, the others are the
-rows the vocabulary was resized with). A bundle holds exactly those, a few MB instead of the
-7B base:
-
-  trainable.safetensors   `adapters/{name}/{path}/lora_a|lora_b` (our stacked layout: lora_a
-                          [L, *in, r], lora_b [L, r, *out]), `added_tokens/embed_tokens`
-                          [num_added, hidden], `added_tokens/lm_head` [hidden, num_added]
-  trainable_config.json   format version, base_vocab_size, model and CLaRa configs, the
-                          adapter names, and every tensor's shape and dtype
-
-Importing puts them back over the base (our converted checkpoint or a Hugging Face Mistral
-directory, with its tokenizer.model) and gives a `Clara` equal to the exported one.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from typing import TYPE_CHECKING
+from clara_jax.clara.formats import bundle
+from clara_jax.clara.formats.bundle import CONFIG_FILE, TENSORS_FILE, load_base
+from clara_jax.clara.model import Clara
 
-import numpy as np
-
-from clara_jax.convert.safetensors_io import SafetensorsFile, save_file
-from clara_jax.fileio import atomic_directory
-
-if TYPE_CHECKING:
-    from clara_jax.clara.model import Clara
-    from clara_jax.model.config import MistralConfig
-
-TENSORS_FILE = "trainable.safetensors"
-CONFIG_FILE = "trainable_config.json"
-FORMAT = "clara-jax-trainable/1"
-_ADDED = "added_tokens"
-
-
-def _flatten(tree: dict, prefix: str) -> dict[str, np.ndarray]:
-    out = {}
-    for key, value in tree.items():
-        name = f"{prefix}/{key}"
-        out.update(_flatten(value, name) if isinstance(value, dict) else
-                   {name: np.asarray(value)})
-    return out
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> dict:
-    tree: dict = {}
-    for name, value in flat.items():
-        node = tree
-        *parents, leaf = name.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
+__all__ = ["CONFIG_FILE", "TENSORS_FILE", "export_trainable", "import_trainable", "load_base"]
 
 
 def export_trainable(source: Clara | str, out_dir: str) -> dict:
-    """Writes a bundle (see the module docstring) of `source`: a `Clara`, a saved Clara
-    directory or a training work directory. Atomic (temporary sibling, then rename).
-    Returns the written trainable_config.json dict."""
-    import jax
-
-    from clara_jax.clara.model import Clara, _clara_config_to_dict
-
+    """Writes the bundle of `source` (a `Clara`, a saved Clara directory or a training work
+    directory); returns the written trainable_config.json dict."""
     clara = source if isinstance(source, Clara) else Clara.load(source)
-    base_vocab = clara.tokenizer.base_vocab_size
-    params = jax.device_get(clara.params)
-    tensors = {}
-    for name, adapter in sorted(jax.device_get(clara.adapters).items()):
-        tensors.update(_flatten(adapter, f"adapters/{name}"))
-    tensors[f"{_ADDED}/embed_tokens"] = np.asarray(params["embed_tokens"]["embedding"])[base_vocab:]
-    tensors[f"{_ADDED}/lm_head"] = np.asarray(params["lm_head"]["kernel"])[:, base_vocab:]
-    config = {
-        "format": FORMAT,
-        "base_vocab_size": base_vocab,
-        "model_config": clara.model_config.to_dict(),
-        "clara_config": _clara_config_to_dict(clara.config),
-        "apple_config": clara.apple_config,
-        "adapters": sorted(clara.adapters),
-        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)}
-                    for k, v in tensors.items()},
-    }
-    with atomic_directory(out_dir, prefix=".trainable-") as tmp:
-        save_file(tensors, os.path.join(tmp, TENSORS_FILE), metadata={"format": FORMAT})
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-    return config
+    return bundle.save(out_dir, clara.parts)
 
 
-def load_base(base_dir: str) -> tuple[MistralConfig, dict, str]:
-    """(MistralConfig, params, tokenizer path) of a base model directory: our converted
-    checkpoint (model_config.json + params/) or a Hugging Face Mistral (config.json +
-    safetensors); either with tokenizer.model."""
-    from clara_jax.convert import hf_mistral
-
-    tok = os.path.join(base_dir, "tokenizer.model")
-    if not os.path.exists(tok):
-        raise FileNotFoundError(f"{base_dir}: missing tokenizer.model (the base model's "
-                                f"sentencepiece model)")
-    if os.path.exists(os.path.join(base_dir, "model_config.json")):
-        cfg, params = hf_mistral.load_checkpoint(base_dir)
-        return cfg, params, tok
-    if os.path.exists(os.path.join(base_dir, "config.json")):
-        cfg, params = hf_mistral.load_hf_mistral(base_dir)
-        return cfg, params, tok
-    raise FileNotFoundError(f"{base_dir}: neither a clara-jax checkpoint (model_config.json) "
-                            f"nor a Hugging Face model (config.json)")
-
-
-def import_trainable(bundle_dir: str, base_dir: str) -> Clara:
+def import_trainable(bundle_dir: str, base_dir: str, **settings) -> Clara:
     """A `Clara`: the bundle's adapters and added-token rows over the base model in
-    `base_dir` (see `load_base`). Errors name the mismatching field or tensor and shapes."""
-    import jax
-
-    from clara_jax.clara.model import Clara, _clara_config_from_dict
-    from clara_jax.clara.tokenizer import ClaraTokenizer
-    from clara_jax.model.config import MistralConfig
-    from clara_jax.model.mistral import Mistral
-
-    cfg_path = os.path.join(bundle_dir, CONFIG_FILE)
-    for path in (cfg_path, os.path.join(bundle_dir, TENSORS_FILE)):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{bundle_dir}: missing {os.path.basename(path)} (not a "
-                                    f"bundle written by export_trainable)")
-    with open(cfg_path) as f:
-        bundle = json.load(f)
-    if bundle.get("format") != FORMAT:
-        raise ValueError(f"{cfg_path}: format {bundle.get('format')!r}, expected {FORMAT!r}")
-    model_cfg = MistralConfig.from_dict(bundle["model_config"])
-    cfg = _clara_config_from_dict(bundle["clara_config"])
-    base_vocab = int(bundle["base_vocab_size"])
-
-    base_cfg, params, tok_path = load_base(base_dir)
-    expected = model_cfg.replace(vocab_size=base_vocab, param_dtype=base_cfg.param_dtype,
-                                 dtype=base_cfg.dtype)
-    for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                  "head_dim", "intermediate_size"):
-        if getattr(base_cfg, field) != getattr(expected, field):
-            raise ValueError(f"{base_dir}: base model {field} = {getattr(base_cfg, field)}, "
-                             f"but the bundle {bundle_dir} was trained over {field} = "
-                             f"{getattr(expected, field)}")
-    tok = ClaraTokenizer.from_file(tok_path, cfg.n_mem, cfg.different_mem_tokens)
-    if tok.base_vocab_size != base_vocab:
-        raise ValueError(f"{tok_path}: {tok.base_vocab_size} pieces, but the bundle's base "
-                         f"vocabulary is {base_vocab}")
-
-    st = SafetensorsFile(os.path.join(bundle_dir, TENSORS_FILE))
-    for name, info in bundle["tensors"].items():
-        if name not in st.header or list(st.shape(name)) != info["shape"]:
-            raise ValueError(f"{bundle_dir}/{TENSORS_FILE}: tensor {name} has shape "
-                             f"{st.shape(name) if name in st.header else 'missing'}, "
-                             f"{CONFIG_FILE} says {info['shape']}")
-    flat = {n: np.array(st.get(n)) for n in st.names()}
-    emb, head = flat.pop(f"{_ADDED}/embed_tokens"), flat.pop(f"{_ADDED}/lm_head")
-    table = np.asarray(params["embed_tokens"]["embedding"])
-    kernel = np.asarray(params["lm_head"]["kernel"])
-    params = dict(params)
-    params["embed_tokens"] = {"embedding": np.concatenate([table, emb.astype(table.dtype)])}
-    params["lm_head"] = {"kernel": np.concatenate([kernel, head.astype(kernel.dtype)], axis=1)}
-    if params["embed_tokens"]["embedding"].shape[0] != model_cfg.vocab_size:
-        raise ValueError(f"{bundle_dir}: {base_vocab} base + {emb.shape[0]} added rows != the "
-                         f"bundle's vocabulary {model_cfg.vocab_size}")
-
-    adapters = _unflatten({n[len("adapters/"):]: v for n, v in flat.items()})
-    shapes = jax.eval_shape(lambda: Mistral(model_cfg, cfg.lora).init(
-        jax.random.key(0), np.zeros((1, 1), np.int32)))["lora"]
-    import flax.linen as nn
-    want = {"/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(nn.meta.unbox(shapes))}
-    for name, adapter in adapters.items():
-        got = {k.split("/", 1)[1]: v.shape for k, v in _flatten(adapter, name).items()}
-        if got.keys() != want.keys():
-            raise ValueError(f"{bundle_dir}: adapter {name} has tensors "
-                             f"{sorted(set(got) ^ set(want))} that the model does not (or "
-                             f"lacks them)")
-        for k, shape in got.items():
-            if tuple(shape) != want[k]:
-                raise ValueError(f"{bundle_dir}: adapters/{name}/{k} has shape {tuple(shape)}, "
-                                 f"the model needs {want[k]}")
-    return Clara(model_cfg, cfg, jax.tree_util.tree_map(jax.numpy.asarray, params),
-                 jax.tree_util.tree_map(jax.numpy.asarray, adapters), tok,
-                 tokenizer_path=tok_path, apple_config=bundle.get("apple_config") or {})
+    `base_dir` (`bundle.load_base`); `settings` are `Clara`'s constructor keywords."""
+    return Clara.from_parts(bundle.load(bundle_dir, base_dir), **settings)

@@ -105,6 +105,16 @@ class Featurize(grain.transforms.Map):
         return out
 
 
+def featurize_batch(records: Sequence[dict], tokenizer: ClaraTokenizer, spec: FeatureSpec,
+                    seed: int = 0) -> dict[str, np.ndarray]:
+    """Every record (normalised, as `data.formats.normalise` makes them) featurized and stacked:
+    one batch [len(records), ...] for `clara_jax.clara.losses.stage_loss(spec.stage)`, without
+    a dataset (a loss on a few examples, tests)."""
+    featurize = Featurize(records, tokenizer, spec, seed)
+    rows = [featurize.map(i) for i in range(len(records))]
+    return {key: np.stack([r[key] for r in rows]) for key in rows[0]}
+
+
 def make_dataset(records: Sequence[dict], tokenizer: ClaraTokenizer, spec: FeatureSpec, *,
                  batch_size: int, seed: int = 0, shuffle: bool = True,
                  num_epochs: int | None = None, shard_index: int = 0, shard_count: int = 1,

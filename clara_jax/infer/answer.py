@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from clara_jax.infer.index import CorpusIndex, search
+from clara_jax.infer.corpus_index import CorpusIndex, search
 
 
 def answer(model, index: CorpusIndex, questions: Sequence[str], k: int = 5,

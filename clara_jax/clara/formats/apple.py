@@ -8,7 +8,9 @@ A release directory holds:
   decoder_first_last_layers.pth  `model.embed_tokens.weight` and `lm_head.weight`, resized to the
                                  base vocabulary plus the added special tokens
 over a Hugging Face Mistral base directory. Reading and writing `.pth` needs torch (the
-`[torch]` extra).
+`[torch]` extra, imported only when a `.pth` is read or written).
+
+`load` / `save` work on whole models (`ClaraParts`); `load_apple` / `save_apple` on trees.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ from typing import Any
 import numpy as np
 
 from clara_jax.clara.config import APPLE_STAGES, ClaraConfig, canonical_stage
+from clara_jax.clara.formats.hf_mistral import load_hf_mistral
+from clara_jax.clara.formats.parts import TOKENIZER_FILE, ClaraParts, host_copy, to_device
+from clara_jax.clara.tokenizer import ClaraTokenizer
 from clara_jax.fileio import atomic_directory
 from clara_jax.model.config import MistralConfig
 from clara_jax.model.lora import LORA_TARGETS, LoraConfig
@@ -221,3 +226,25 @@ def save_apple(out_dir: str, params: dict, adapters: dict[str, dict], model_cfg:
                    os.path.join(tmp, "decoder_first_last_layers.pth"))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(clara_config_to_apple(cfg, apple_config), f, indent=2, sort_keys=True)
+
+
+def load(clara_dir: str, base_model_dir: str, dtype: str | None = None) -> ClaraParts:
+    """A whole model from an Apple release over a Hugging Face Mistral base directory
+    (safetensors + tokenizer.model); `dtype` casts the base weights."""
+    base_cfg, base_params = load_hf_mistral(base_model_dir, dtype=dtype)
+    model_cfg, cfg, params, adapters, apple_cfg = load_apple(clara_dir, base_params, base_cfg)
+    tok_path = os.path.join(base_model_dir, TOKENIZER_FILE)
+    tok = ClaraTokenizer.from_dir(base_model_dir, cfg.doc_max_length, cfg.compress_rate,
+                                  cfg.different_mem_tokens)
+    if tok.base_vocab_size != base_cfg.vocab_size:
+        raise ValueError(f"{tok_path}: {tok.base_vocab_size} pieces but the base model's "
+                         f"vocabulary is {base_cfg.vocab_size}")
+    return ClaraParts(model_cfg, cfg, to_device(params), to_device(adapters), tok,
+                      tokenizer_path=tok_path, apple_config=apple_cfg)
+
+
+def save(out_dir: str, parts: ClaraParts) -> None:
+    """Writes `parts` as an Apple release (readable by the official `CLaRa.from_pretrained`)."""
+    host = host_copy(parts)
+    save_apple(out_dir, host.params, host.adapters, host.model_config, host.config,
+               host.apple_config)
