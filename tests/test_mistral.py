@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from clara_jax.convert.hf_mistral import load_hf_mistral  # noqa: E402
+from clara_jax.clara.formats.hf_mistral import load_hf_mistral  # noqa: E402
 from clara_jax.model import decode  # noqa: E402
 from clara_jax.model.mistral import Mistral, embed_tokens  # noqa: E402
 

@@ -12,7 +12,7 @@ import numpy as np
 from clara_jax.clara.config import ClaraConfig
 from clara_jax.clara.model import Clara
 from clara_jax.clara.tokenizer import ClaraTokenizer
-from clara_jax.convert.hf_mistral import load_checkpoint
+from clara_jax.clara.formats.hf_mistral import load_checkpoint
 from clara_jax.data import formats, synthetic
 from clara_jax.eval.evaluate import evaluate
 from clara_jax.train.train import resize_vocab
