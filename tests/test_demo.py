@@ -118,6 +118,25 @@ def test_the_shipped_base_is_used_only_for_the_config_it_was_made_with(tmp_path)
         demo.shipped_base(_demo_config(**{"base.shipped": str(tmp_path)}))
 
 
+def test_an_exported_base_is_the_shipped_base_of_its_config(tmp_path):
+    """export_base writes the model and base_info.json (recipe, time, probe, EM by kind);
+    a config naming that directory as base.shipped gets its model, and one with another
+    base field is refused."""
+    model = tmp_path / "trained"
+    model.mkdir()
+    (model / "model_config.json").write_text("{}")
+    cfg = _demo_config()
+    rows = [{"system": "full text", "setting": "oracle", "em": 0.5, "f1": 0.5, "n": 4}]
+    out = tmp_path / "export"
+    demo.export_base(cfg, str(model), str(out), 12.4, rows, {"founder": {"n": 4, "full text": 0.5}})
+    info = json.load(open(out / "base_info.json"))
+    assert info["recipe"] == demo.base_recipe(cfg) and info["train_seconds"] == 12
+    assert info["probe"] == rows and info["probe_by_kind"]["founder"]["full text"] == 0.5
+    assert demo.shipped_base(_demo_config(**{"base.shipped": str(out)})) == str(out / "model")
+    with pytest.raises(ValueError, match=r"config.base.learning_rate"):
+        demo.shipped_base(_demo_config(**{"base.shipped": str(out), "base.learning_rate": 0.5}))
+
+
 def test_a_stage_that_stops_early_is_an_error_naming_it(tmp_path, monkeypatch):
     """A stage stopped before its last step (SIGTERM: the trainer saves and returns without
     exporting a model) stops the demo with the stage and its step, not a KeyError."""

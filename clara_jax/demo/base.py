@@ -49,9 +49,11 @@ def shipped_base(cfg) -> str | None:
     return os.path.join(path, "model")
 
 
-def export_base(cfg, base_dir: str, out_dir: str, seconds: float, rows: list[dict]) -> None:
+def export_base(cfg, base_dir: str, out_dir: str, seconds: float, rows: list[dict],
+                by_kind: dict[str, dict[str, float]] | None = None) -> None:
     """Copies a trained base (`base_dir`, a model directory) to out_dir/model with
-    base_info.json: its recipe (`base_recipe`), training time, machine and probe rows."""
+    base_info.json: its recipe (`base_recipe`), training time, machine, probe rows and EM by
+    question kind (`report.kind_table`)."""
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     shutil.copytree(base_dir, os.path.join(out_dir, "model"))
@@ -59,6 +61,7 @@ def export_base(cfg, base_dir: str, out_dir: str, seconds: float, rows: list[dic
     isa = "AVX-512" if " avx512f" in flags_ else "AVX2" if " avx2" in flags_ else "other"
     info = {"recipe": base_recipe(cfg), "train_seconds": round(seconds),
             "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, {isa}",
-            "probe": [{k: r[k] for k in ("system", "setting", "em", "f1", "n")} for r in rows]}
+            "probe": [{k: r[k] for k in ("system", "setting", "em", "f1", "n")} for r in rows],
+            "probe_by_kind": by_kind or {}}
     with open(os.path.join(out_dir, "base_info.json"), "w") as f:
         json.dump(info, f, indent=2)

@@ -55,9 +55,10 @@ def run(cfg, workdir: str, only_base: bool = False, export_base_to: str = "") ->
     rows, per_question = evaluate_base(cfg, eval_file, base)
     records = read_eval_records(cfg, eval_file)
     if only_base:
-        print(kind_table(records, per_question)[0], flush=True)
+        kinds_md, by_kind = kind_table(records, per_question)
+        print(kinds_md, flush=True)
         if export_base_to:
-            export_base(cfg, base, export_base_to, base_seconds, rows)
+            export_base(cfg, base, export_base_to, base_seconds, rows, by_kind)
             print(f"base exported to {export_base_to}")
         return {"rows": rows, "report": [], "failures": [], "seconds": time.time() - t0}
     groups = cpu_groups(len(rates)) if cfg.parallel_rates else [[]]
