@@ -44,7 +44,11 @@ def get_config(arg: str = ""):
     c.eval_worlds = 2                # held-out entities of the first eval_worlds: 320 questions
     # Every world shares one map (cities and countries); people and organisations differ.
     c.places_seed = 0
+    # The adapters of every stage: rank, scale alpha / rank (None: the official alpha = 2 x
+    # rank) and dropout on their input in training (the official 0.1).
     c.lora_rank = 16
+    c.lora_alpha = ml_collections.config_dict.placeholder(float)
+    c.lora_dropout = 0.1
 
     # The base LM reads separate worlds (seeds from base.seed), so it knows none of the facts
     # CLaRa is trained and evaluated on, whatever the seed. Its lessons are text-RAG answers (and closed-book ones

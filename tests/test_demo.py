@@ -150,6 +150,18 @@ def test_a_stage_that_stops_early_is_an_error_naming_it(tmp_path, monkeypatch):
         demo.run_stage(c, str(tmp_path / "instruct"))
 
 
+def test_the_demo_passes_its_adapter_settings_to_every_stage(tmp_path):
+    """lora_rank, lora_alpha and lora_dropout of the demo config reach each stage's trainer
+    config (the trainer's own test shows that they change the trained adapters)."""
+    worlds = {"clara": [str(tmp_path / "w0")], "base": []}
+    cfg = _demo_config(lora_rank=8, lora_alpha=4.0, lora_dropout=0.0)
+    for name in demo.CLARA_STAGES:
+        c = demo.stage_config(cfg, name, worlds, 4, str(tmp_path / "base"))
+        assert (c.lora_rank, c.lora_alpha, c.lora_dropout) == (8, 4.0, 0.0)
+    c = demo.stage_config(_demo_config(), "pretrain", worlds, 4, str(tmp_path / "base"))
+    assert (c.lora_rank, c.lora_alpha, c.lora_dropout) == (16, None, 0.1)
+
+
 def test_a_base_without_encoder_reads_only_full_text_with_the_gold_document(tmp_path):
     """The shipped base as a `Clara` without adapters: full text in the oracle setting works
     (the gold document, no retrieval metric); what needs an encoder is refused, naming it."""

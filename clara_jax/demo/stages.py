@@ -61,7 +61,8 @@ def stage_config(cfg, name: str, worlds: dict[str, list[str]], rate: int | None,
     c.generation_top_k = cfg.top_k
     c.num_candidates = cfg.num_candidates
     c.max_len = s.max_len
-    c.lora_rank = cfg.lora_rank
+    for field in ("lora_rank", "lora_alpha", "lora_dropout"):
+        c[field] = cfg[field]
     train_worlds = worlds["clara"][:s.get("worlds") or len(worlds["clara"])]
     c.data.train_files = ",".join(os.path.join(w, f"{name}_train.jsonl") for w in train_worlds)
     c.data.eval_files = os.path.join(worlds["clara"][0], f"{name}_eval.jsonl")
