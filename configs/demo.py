@@ -56,7 +56,7 @@ def get_config(arg: str = ""):
     # Adam's b2 0.999 (not the stages' 0.95): most words of these worlds are rare, and their
     # embedding rows need a second-moment estimate that outlasts the steps between their uses.
     # A lesson (document and its 2-4 questions) is at most 156 tokens: one per row.
-    c.base = stage(steps=800, learning_rate=1e-3, batch_size=32, max_len=160,
+    c.base = stage(steps=2000, learning_rate=1e-3, batch_size=32, max_len=160,
                    vocab_size=1024, worlds=64, seed=1000, closed_book_every=8,
                    lm_head_init="embedding", rope_theta=1e4, b2=0.999, warmup_ratio=0.1)
     # The base shipped in the package (clara_jax/demo_base, made by the command in its
@@ -94,7 +94,7 @@ def get_config(arg: str = ""):
     c.check = ml_collections.ConfigDict()
     c.check.gate = "base"
     c.check.min_sigmas = 3.0
-    c.check.min_full_text_em = 0.25      # the base reads its document
+    c.check.min_full_text_em = 0.6       # the base reads its document
     c.check.max_closed_book_em = 0.1     # and cannot answer without it
     c.check.max_gap_to_full_text = 0.15  # lowest rate: compressed EM this close to full text
     c.check.min_em_at_16x = 0.3          # compressed EM at rates of 16 and more
