@@ -476,3 +476,23 @@ def test_lora_alpha_and_dropout_fields_change_the_trained_adapters(tmp_path):
         m.adapters["encoder"])]) for n, m in models.items()}
     assert not np.allclose(flat["default"], flat["alpha"])
     assert not np.allclose(flat["default"], flat["dropout"])
+
+
+def test_every_step_shares_the_non_finite_guard():
+    """`step.apply_if_finite`, used by the CLaRa stages' step and the base-LM step: a finite
+    loss and gradient apply the update; a non-finite one keeps trainable and optimizer
+    state as they were and reports finite False."""
+    from clara_jax.train import step as step_lib
+    tx = optax.sgd(0.5)
+    trainable = {"w": jnp.ones((2,))}
+    state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), base={}, trainable=trainable,
+                                frozen={}, opt_state=tx.init(trainable), rng=jax.random.key(0))
+    new, _, norm, finite = step_lib.apply_if_finite(state, {"w": jnp.full((2,), 2.0)},
+                                                    jnp.float32(1.0), tx)
+    assert bool(finite) and float(norm) == pytest.approx(8 ** 0.5)
+    np.testing.assert_array_equal(new["w"], [0.0, 0.0])
+    for grads, loss in (({"w": jnp.array([1.0, jnp.nan])}, jnp.float32(1.0)),
+                        ({"w": jnp.ones((2,))}, jnp.float32(jnp.inf))):
+        new, _, _, finite = step_lib.apply_if_finite(state, grads, loss, tx)
+        assert not bool(finite)
+        np.testing.assert_array_equal(new["w"], [1.0, 1.0])
