@@ -24,6 +24,8 @@ import sys
 
 import numpy as np
 
+from clara_jax.clara import generation
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from train_step import CONFIGS  # noqa: E402
@@ -107,7 +109,8 @@ def main():
     for r, (official, ours) in models.items():
         states = ours.compress_documents(docs)
         states = np.broadcast_to(states, (q, *states.shape))
-        batch = ours._prompts(questions, k, "instruct")
+        batch = generation.memory_prompts(ours.tokenizer, questions, k, "instruct",
+                                          ours.length_bucket)
         prompt_tokens[r] = int(batch.attention_mask.sum(1).max())
         for n_new in (t, 1):
             def comp_ours(ours=ours, states=states, n_new=n_new):

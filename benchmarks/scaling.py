@@ -5,7 +5,7 @@
         [--aot_models tiny,mid] [--topology v5e:2x2] [--fsdp 1,2,4] [--aot_from scaling.json]
         [--out_dir benchmarks/results/scaling]
 
-CPU part: the trainer's own step (`clara_jax.train.train.make_step_setup` / `init_state`,
+CPU part: the trainer's own step and state (`clara_jax.train.setup.build_run`,
 AdamW, LoRA dropout on, jitted with the state donated as `train` does) on one CPU device,
 varying one factor at a time from a base point: documents kept per query (top-k k),
 candidates per query (N), document length (doc_max_length) and compression rate. Stage 3
@@ -73,7 +73,7 @@ def run_config(point: dict, stage: str, cached: bool = False):
     """The trainer's ConfigDict for a sweep point (`BASE`'s keys) and stage ("stage1" |
     "stage3") on one device; validated (ValueError naming the field)."""
     from configs.common import base_config
-    from clara_jax.train import train as train_lib
+    from clara_jax.train import setup as setup_lib
     c = base_config("pretrain" if stage == "stage1" else "end_to_end", point["model"])
     c.doc_max_length = point["doc_max_length"]
     c.compress_rate = point["compress_rate"]
@@ -84,7 +84,7 @@ def run_config(point: dict, stage: str, cached: bool = False):
     c.pretrain_k = 1
     c.mesh.data, c.mesh.fsdp = 1, 1
     c.end_to_end.cache_candidates = cached
-    train_lib.validate_config(c, n_devices=1)
+    setup_lib.validate_config(c, n_devices=1)
     k, n_mem = c.generation_top_k, c.doc_max_length // c.compress_rate
     slots_end = 40 + k * (n_mem + 1)   # where stage3_batch puts the memory slots
     if slots_end > point["prompt_len"] - point["answer_len"]:
@@ -110,20 +110,17 @@ def measure_step(point: dict, stage: str, cached: bool = False, reps: int = 3) -
     import jax.numpy as jnp
     from clara_jax import parallel
     from clara_jax.model.config import preset
-    from clara_jax.model.mistral import Mistral, init_params
-    from clara_jax.train import train as train_lib
+    from clara_jax.model.mistral import init_params
+    from clara_jax.train import setup as setup_lib
 
     c = run_config(point, stage, cached)
-    model_cfg = preset(c.model)
-    cfg = train_lib.clara_config(c, first_mem_token_id=model_cfg.vocab_size)
-    model_cfg = train_lib.execution_config(
-        c, model_cfg.replace(vocab_size=model_cfg.vocab_size + cfg.num_added_tokens))
-    model = Mistral(model_cfg, cfg.lora)
+    base = preset(c.model)
+    # The run's vocabulary (special tokens appended) from the start: no resize_vocab.
+    model_cfg, cfg = setup_lib.model_configs(c, base, base.vocab_size)
     mesh = parallel.mesh_from_config(c.mesh, jax.devices()[:1])
-    setup = train_lib.make_step_setup(c, model, cfg, mesh)
-    params = init_params(model_cfg, jax.random.key(0))
-    adapters = train_lib.fresh_adapters(model_cfg, cfg.lora, jax.random.key(1))
-    state = train_lib.init_state(c, setup, params, adapters)
+    built = setup_lib.build_run(c, mesh, model_cfg, base.vocab_size,
+                                init_params(model_cfg, jax.random.key(0)))
+    setup, state = built.setup, built.state
     batch = {key: jnp.asarray(v, jnp.int32)
              for key, v in stage_batches(point, cfg.first_mem_token_id)[stage].items()}
     if cached:

@@ -59,7 +59,7 @@ def bench(name: str, reps: int) -> list[dict]:
     from clara_jax.model.mistral import Mistral, init_params
     from clara_jax.train import step as step_lib
     from clara_jax.train.optim import make_optimizer
-    from clara_jax.train.train import fresh_adapters
+    from clara_jax.train.setup import fresh_adapters
 
     pname, doc_max, rate, b, n_cand, k, max_len = CONFIGS[name]
     n_mem = doc_max // rate

@@ -78,7 +78,7 @@ def test_build_program_uses_config_overrides_and_validates():
 
 
 def test_program_batch_is_what_the_train_loop_feeds_the_step():
-    """The batch features are the pipeline's after `train.split_batch`: retrieval
+    """The batch features are the pipeline's after `inputs.split_batch`: retrieval
     pretraining keeps `pos_mask` (its loss reads it), and its step traces on that batch."""
     from clara_jax import parallel
     program = aot.build_program(config("retrieval_pretrain.py", batch_size=8, max_len=128),

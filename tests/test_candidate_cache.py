@@ -21,6 +21,7 @@ from clara_jax.model.lora import LoraConfig
 from clara_jax.model.mistral import init_params
 from clara_jax.train import candidate_cache
 from clara_jax.train import step as step_lib
+from clara_jax.train import setup as setup_lib
 from clara_jax.train import train as train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,7 +34,7 @@ def make_clara(sp_path, cfg, params=None, adapters=None, mcfg=None):
                           num_layers=2, head_dim=16, intermediate_size=128)
     if params is None:
         params = init_params(mcfg, jax.random.key(0))
-        adapters = train_lib.fresh_adapters(mcfg, cfg.lora, jax.random.key(1))
+        adapters = setup_lib.fresh_adapters(mcfg, cfg.lora, jax.random.key(1))
         leaves, treedef = jax.tree_util.tree_flatten(adapters)
         keys = jax.random.split(jax.random.key(2), len(leaves))
         adapters = jax.tree_util.tree_unflatten(treedef, [  # non-zero B: every adapter acts
@@ -133,7 +134,7 @@ def test_cache_conflicts_with_training_mem_tokens():
     c = end_to_end.get_config()
     c.optimize_mem_tokens = True
     with pytest.raises(ValueError, match="config.end_to_end.cache_candidates: the memory-token"):
-        train_lib.validate_config(c, n_devices=8)
+        setup_lib.validate_config(c, n_devices=8)
 
 
 @pytest.mark.slow

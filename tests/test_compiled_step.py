@@ -15,6 +15,7 @@ import pytest
 
 from clara_jax import aot
 from clara_jax.train import compiled_step
+from clara_jax.train import setup as setup_lib
 from clara_jax.train import train as train_lib
 from config_files import load_config
 
@@ -45,7 +46,7 @@ def test_a_tpu_executable_is_refused_here_naming_the_platform(tmp_path):
     tpu.fingerprint["topology"] = "v5e:2x2"
     path = str(tmp_path / "tpu_step.pkl")
     write_fingerprint_only(path, tpu.fingerprint)
-    train_lib.validate_config(config(compiled_step=path))   # the config itself matches
+    setup_lib.validate_config(config(compiled_step=path))   # the config itself matches
     local = aot.build_program(c, jax.devices())
     with pytest.raises(ValueError) as err:
         compiled_step.load_train_step(path, c, local.model_cfg, local.mesh, local.args[0],
@@ -64,12 +65,12 @@ def test_a_step_compiled_for_another_config_is_refused_naming_each_field(tmp_pat
     path = str(tmp_path / "step.pkl")
     write_fingerprint_only(path, local.fingerprint)
     # Fields the step does not depend on may differ; the fingerprint is then the same.
-    train_lib.validate_config(config(compiled_step=path, seed=7, log_every=5))
+    setup_lib.validate_config(config(compiled_step=path, seed=7, log_every=5))
     with pytest.raises(ValueError, match=r"config.compiled_step: .*step.pkl .*1 difference"
                                          r"\(s\):\n  config.batch_size: compiled 8, this run 16$"):
-        train_lib.validate_config(config(compiled_step=path, batch_size=16))
+        setup_lib.validate_config(config(compiled_step=path, batch_size=16))
     with pytest.raises(ValueError, match="config.learning_rate: compiled 0.001, this run 0.002"):
-        train_lib.validate_config(config(compiled_step=path, learning_rate=2e-3))
+        setup_lib.validate_config(config(compiled_step=path, learning_rate=2e-3))
     # A LoRA rank the state does not have: the config field and the adapter leaves.
     c8 = config(lora_rank=8)
     other = aot.build_program(c8, jax.devices())
@@ -81,11 +82,11 @@ def test_a_step_compiled_for_another_config_is_refused_naming_each_field(tmp_pat
     assert "state.trainable['decoder']" in msg and "float32[4, 128, 16]" in msg
     assert "float32[4, 128, 8]" in msg
     with pytest.raises(ValueError, match="config.compiled_step: .*missing.pkl does not exist"):
-        train_lib.validate_config(config(compiled_step=str(tmp_path / "missing.pkl")))
+        setup_lib.validate_config(config(compiled_step=str(tmp_path / "missing.pkl")))
     decode = aot.build_program(c, jax.devices(), decode=True)
     write_fingerprint_only(path, decode.fingerprint)
     with pytest.raises(ValueError, match="mode: compiled 'decode', this run 'train'"):
-        train_lib.validate_config(config(compiled_step=path))
+        setup_lib.validate_config(config(compiled_step=path))
 
 
 def test_a_batch_other_than_the_compiled_one_is_refused_naming_the_feature():

@@ -19,7 +19,8 @@ from clara_jax.clara.formats.hf_mistral import save_checkpoint
 from clara_jax.model.config import preset
 from clara_jax.model.lora import LoraConfig
 from clara_jax.model.mistral import init_params
-from clara_jax.train import train as train_lib
+from clara_jax.train import setup as setup_lib
+from clara_jax.train import start as start_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
@@ -56,8 +57,8 @@ def trained(tmp_path_factory):
     cfg = ClaraConfig(doc_max_length=16, compress_rate=4, generation_top_k=2,
                       lora=LoraConfig(rank=4, alpha=8.0, dropout=0.1))
     tok = ClaraTokenizer.from_file(tok_path, cfg.n_mem)
-    params = train_lib.resize_vocab(base, tok.vocab_size, np.random.default_rng(0))
-    adapters = train_lib.fresh_adapters(mcfg, cfg.lora, jax.random.key(1))
+    params = start_lib.resize_vocab(base, tok.vocab_size, np.random.default_rng(0))
+    adapters = setup_lib.fresh_adapters(mcfg, cfg.lora, jax.random.key(1))
     adapters = jax.tree_util.tree_map(
         lambda x: np.asarray(x) + rng.normal(0, 0.01, x.shape).astype(np.float32), adapters)
     clara = Clara(mcfg.replace(vocab_size=tok.vocab_size), cfg, params, adapters, tok,

@@ -19,7 +19,7 @@ from clara_jax.infer import index as index_lib
 from clara_jax.model.config import preset
 from clara_jax.model.lora import LoraConfig
 from clara_jax.model.mistral import init_params
-from clara_jax.train.train import fresh_adapters
+from clara_jax.train.setup import fresh_adapters
 
 DOC_MAX, RATE = 16, 4
 N_DOCS = 37           # 37 documents in chunks of 8: four full chunks and a partial one

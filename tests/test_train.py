@@ -14,6 +14,9 @@ import numpy as np
 import optax
 import pytest
 
+from clara_jax.train import metrics as metrics_lib
+from clara_jax.train import setup as setup_lib
+from clara_jax.train import start as start_lib
 from clara_jax.train import train as train_lib
 from config_files import load_config
 
@@ -34,7 +37,7 @@ def test_invalid_configs_fail_naming_the_field(field, value, message):
     c = config()
     c[field] = value
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        train_lib.validate_config(c, n_devices=8)
+        setup_lib.validate_config(c, n_devices=8)
 
 
 def test_base_init_fields_are_validated_and_head_starts_as_the_embedding():
@@ -46,19 +49,19 @@ def test_base_init_fields_are_validated_and_head_starts_as_the_embedding():
     from clara_jax.model.mistral import init_params
 
     c = config("configs/pretrain_base_tiny.py")
-    train_lib.validate_config(c, n_devices=8)
+    setup_lib.validate_config(c, n_devices=8)
     for field, value, message in (("lm_head_init", "zeros", "lm_head_init: must be"),
                                   ("rope_theta", -1.0, "rope_theta: -1.0")):
         bad = config("configs/pretrain_base_tiny.py")
         bad[field] = value
         with pytest.raises(ValueError, match=message):
-            train_lib.validate_config(bad, n_devices=8)
+            setup_lib.validate_config(bad, n_devices=8)
     bad = config("configs/pretrain_base_tiny.py")
     bad.init_from = ROOT   # any existing directory: the point is that it is not empty
     with pytest.raises(ValueError, match="lm_head_init: 'embedding' initialises a base"):
-        train_lib.validate_config(bad, n_devices=8)
+        setup_lib.validate_config(bad, n_devices=8)
     params = jax.device_get(init_params(preset("tiny", vocab_size=96), jax.random.key(0)))
-    tied = train_lib.head_from_embedding(params)
+    tied = start_lib.head_from_embedding(params)
     emb = np.asarray(params["embed_tokens"]["embedding"])
     np.testing.assert_array_equal(tied["lm_head"]["kernel"], emb.T)
     assert (np.argmax(emb @ tied["lm_head"]["kernel"], axis=1) == np.arange(96)).all()
@@ -69,11 +72,11 @@ def test_k_larger_than_candidates_and_bad_mesh():
     c = config("configs/end_to_end.py")
     c.generation_top_k = 21
     with pytest.raises(ValueError, match="generation_top_k: k=21 is larger than num_candidates 20"):
-        train_lib.validate_config(c, n_devices=8)
+        setup_lib.validate_config(c, n_devices=8)
     c = config()
     c.mesh.data, c.mesh.fsdp = 3, 1
     with pytest.raises(ValueError, match="mesh: mesh shape .* does not divide the 8 devices"):
-        train_lib.validate_config(c, n_devices=8)
+        setup_lib.validate_config(c, n_devices=8)
 
 
 def tiny_run(workdir, stage_file, steps, **overrides):
@@ -156,7 +159,7 @@ def test_resume_after_sigkill_gives_identical_parameters(tmp_path):
     proc.communicate()
     assert killed, "the run finished before it could be killed"
     finish(run(tmp_path / "b"))
-    from clara_jax.convert.hf_mistral import load_checkpoint
+    from clara_jax.clara.formats.hf_mistral import load_checkpoint
     _, a = load_checkpoint(str(tmp_path / "a" / "model"))
     _, b = load_checkpoint(str(tmp_path / "b" / "model"))
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
@@ -177,7 +180,7 @@ def test_train_step_is_the_same_on_every_mesh():
                        first_mem_token_id=500, lora=LoraConfig(rank=4, alpha=8, dropout=0.1))
     model = Mistral(mcfg, ccfg.lora)
     base = init_params(mcfg, jax.random.key(0))
-    adapters = train_lib.fresh_adapters(mcfg, ccfg.lora, jax.random.key(1))
+    adapters = setup_lib.fresh_adapters(mcfg, ccfg.lora, jax.random.key(1))
     adapters = jax.tree_util.tree_map(lambda x: x + 0.01, adapters)  # non-zero B
     rng = np.random.RandomState(0)
     b, k = 8, 2
@@ -240,7 +243,7 @@ def _instruct_setup():
     ccfg = ClaraConfig(doc_max_length=16, compress_rate=4, generation_top_k=2,
                        first_mem_token_id=500, lora=LoraConfig(rank=4, alpha=8, dropout=0.1))
     base = init_params(mcfg, jax.random.key(0))
-    adapters = train_lib.fresh_adapters(mcfg, ccfg.lora, jax.random.key(1))
+    adapters = setup_lib.fresh_adapters(mcfg, ccfg.lora, jax.random.key(1))
     adapters = jax.tree_util.tree_map(lambda x: x + 0.01, adapters)
     rng = np.random.RandomState(0)
     b, le = 8, 16 + 3 + 4
@@ -344,27 +347,27 @@ def test_config_fields_of_mesh_dcn_mem_tokens_and_peak_flops():
     c = config()
     c.mesh.dcn_data, c.mesh.data, c.mesh.fsdp = 3, -1, 1
     with pytest.raises(ValueError, match="config.mesh: mesh dcn_data 3 does not divide"):
-        train_lib.validate_config(c, n_devices=8)
+        setup_lib.validate_config(c, n_devices=8)
     c.mesh.dcn_data, c.mesh.fsdp, c.batch_size = 2, 2, 12
     with pytest.raises(ValueError, match="batch_size: 12 is not divisible by mesh dcn_data x "
                                          "data x fsdp = 8"):
-        train_lib.validate_config(c, n_devices=8)
+        setup_lib.validate_config(c, n_devices=8)
     c.batch_size = 16
     c.optimize_mem_tokens = True
-    train_lib.validate_config(c, n_devices=8)  # no longer refused
+    setup_lib.validate_config(c, n_devices=8)  # no longer refused
     c.peak_flops = -1.0
     with pytest.raises(ValueError, match="config.peak_flops: must be >= 0"):
-        train_lib.validate_config(c, n_devices=8)
+        setup_lib.validate_config(c, n_devices=8)
     c = config("configs/pretrain_base_tiny.py")
     c.optimize_mem_tokens = True
     with pytest.raises(ValueError, match="config.optimize_mem_tokens: base_lm trains every"):
-        train_lib.validate_config(c, n_devices=8)
+        setup_lib.validate_config(c, n_devices=8)
 
 
 def test_mfu_is_model_flops_over_the_peak_of_every_device():
-    assert train_lib._mfu(4e12, 0.0) == {}
+    assert metrics_lib.mfu(4e12, 0.0) == {}
     n = jax.device_count()
-    assert train_lib._mfu(4e12, 1e12) == {"mfu": pytest.approx(4.0 / n)}
+    assert metrics_lib.mfu(4e12, 1e12) == {"mfu": pytest.approx(4.0 / n)}
 
 
 def test_lora_dropout_mask_has_no_structure():
@@ -425,22 +428,22 @@ def test_query_reasoner_starts_from_the_encoder_weakened_on_request():
     enc = {"layer": {"q_proj": {"lora_a": jnp.ones((2, 3)), "lora_b": jnp.full((3, 2), 2.0)}}}
     own = jax.tree_util.tree_map(jnp.zeros_like, enc)
     c = config("configs/end_to_end.py")
-    kept = train_lib.initial_query_reasoner(c, {"encoder": enc, "query_reasoner": own})
+    kept = setup_lib.initial_query_reasoner(c, {"encoder": enc, "query_reasoner": own})
     assert kept["query_reasoner"] is own
     c.end_to_end.query_reasoner_init = "encoder"
     c.end_to_end.query_reasoner_init_scale = 0.25
-    weak = train_lib.initial_query_reasoner(c, {"encoder": enc, "query_reasoner": own})
+    weak = setup_lib.initial_query_reasoner(c, {"encoder": enc, "query_reasoner": own})
     q = weak["query_reasoner"]["layer"]["q_proj"]
     np.testing.assert_array_equal(q["lora_a"], enc["layer"]["q_proj"]["lora_a"])
     np.testing.assert_array_equal(q["lora_b"], 0.5 * np.ones((3, 2)))
     assert weak["encoder"] is enc
     c = config("configs/end_to_end.py")
-    copied = train_lib.initial_query_reasoner(c, {"encoder": enc})
+    copied = setup_lib.initial_query_reasoner(c, {"encoder": enc})
     np.testing.assert_array_equal(copied["query_reasoner"]["layer"]["q_proj"]["lora_b"],
                                   enc["layer"]["q_proj"]["lora_b"])
     c.end_to_end.query_reasoner_init = "decoder"
     with pytest.raises(ValueError, match="query_reasoner_init: must be '' or 'encoder'"):
-        train_lib.initial_query_reasoner(c, {"encoder": enc})
+        setup_lib.initial_query_reasoner(c, {"encoder": enc})
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -451,7 +454,7 @@ def test_lora_fields_are_validated(field, value, message):
     c = config()
     c[field] = value
     with pytest.raises(ValueError, match=message):
-        train_lib.validate_config(c, n_devices=8)
+        setup_lib.validate_config(c, n_devices=8)
 
 
 @pytest.mark.slow
@@ -473,3 +476,23 @@ def test_lora_alpha_and_dropout_fields_change_the_trained_adapters(tmp_path):
         m.adapters["encoder"])]) for n, m in models.items()}
     assert not np.allclose(flat["default"], flat["alpha"])
     assert not np.allclose(flat["default"], flat["dropout"])
+
+
+def test_every_step_shares_the_non_finite_guard():
+    """`step.apply_if_finite`, used by the CLaRa stages' step and the base-LM step: a finite
+    loss and gradient apply the update; a non-finite one keeps trainable and optimizer
+    state as they were and reports finite False."""
+    from clara_jax.train import step as step_lib
+    tx = optax.sgd(0.5)
+    trainable = {"w": jnp.ones((2,))}
+    state = step_lib.TrainState(step=jnp.zeros((), jnp.int32), base={}, trainable=trainable,
+                                frozen={}, opt_state=tx.init(trainable), rng=jax.random.key(0))
+    new, _, norm, finite = step_lib.apply_if_finite(state, {"w": jnp.full((2,), 2.0)},
+                                                    jnp.float32(1.0), tx)
+    assert bool(finite) and float(norm) == pytest.approx(8 ** 0.5)
+    np.testing.assert_array_equal(new["w"], [0.0, 0.0])
+    for grads, loss in (({"w": jnp.array([1.0, jnp.nan])}, jnp.float32(1.0)),
+                        ({"w": jnp.ones((2,))}, jnp.float32(jnp.inf))):
+        new, _, _, finite = step_lib.apply_if_finite(state, grads, loss, tx)
+        assert not bool(finite)
+        np.testing.assert_array_equal(new["w"], [1.0, 1.0])

@@ -174,18 +174,12 @@ class Clara:
                      max_new_tokens: int, adapter: str | None = "decoder",
                      instruction: int = 0) -> GenerationOutput:
         """Answers with states [B, k, n, D] in the memory slots of `stage`'s prompts."""
-        batch = self._prompts(questions, states.shape[1], stage, instruction)
+        batch = generation.memory_prompts(self.tokenizer, questions, states.shape[1], stage,
+                                          self.length_bucket, instruction)
         params, lora = self._weights(adapter)
         return generation.generate_from_memory(
             self.model, params, lora, self.tokenizer, batch, states, max_new_tokens,
             length_bucket=self.length_bucket, share_prefix=self.share_prefix)
-
-    def _prompts(self, questions: Sequence[str], k: int, stage: str,
-                 instruction: int | None = 0) -> prompts.DecoderBatch:
-        """This model's generation prompts (`generation.memory_prompts`; kept for
-        benchmarks/rag_latency.py, which should call that instead)."""
-        return generation.memory_prompts(self.tokenizer, questions, k, stage,
-                                          self.length_bucket, instruction)
 
     def _from_text(self, rows: Sequence[str], max_new_tokens: int, adapter: str | None
                    ) -> GenerationOutput:

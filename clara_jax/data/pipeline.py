@@ -26,8 +26,11 @@ import numpy as np
 from clara_jax.clara import prompts
 from clara_jax.clara.tokenizer import ClaraTokenizer
 
+# The one stage -> data format (`formats.read_jsonl`) table. base_lm trains on the text of
+# the pretrain records' documents (packed by `pack_text`, not featurised).
 STAGE_FORMAT = {"pretrain": "pretrain", "instruct": "instruct", "end_to_end": "end_to_end",
-                "retrieval_pretrain": "end_to_end", "eval": "eval"}
+                "retrieval_pretrain": "end_to_end", "eval": "eval", "base_lm": "pretrain"}
+FEATURE_STAGES = tuple(s for s in STAGE_FORMAT if s != "base_lm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +46,8 @@ class FeatureSpec:
     query_max_length: int = 0  # stage 3: query encoder text length (0 -> doc_max_length)
 
     def __post_init__(self):
-        if self.stage not in STAGE_FORMAT:
-            raise ValueError(f"unknown stage {self.stage!r}; known: {sorted(STAGE_FORMAT)}")
+        if self.stage not in FEATURE_STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}; known: {sorted(FEATURE_STAGES)}")
         if self.stage in ("end_to_end", "retrieval_pretrain", "eval"):
             if self.num_candidates <= 0:
                 raise ValueError(f"stage {self.stage} needs num_candidates > 0")

@@ -15,7 +15,7 @@ from clara_jax.clara.tokenizer import ClaraTokenizer
 from clara_jax.clara.formats.hf_mistral import load_checkpoint
 from clara_jax.data import formats, synthetic
 from clara_jax.eval.evaluate import evaluate
-from clara_jax.train.train import resize_vocab
+from clara_jax.train.start import resize_vocab
 
 matplotlib.use("Agg")   # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)

@@ -1,7 +1,11 @@
 """python -m clara_jax.train --config=configs/<stage>.py[:arg] --workdir=DIR [--config.x=y]"""
 
-from absl import app, flags
+import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
+
+from clara_jax import cpu_malloc
+from clara_jax.train.train import train
 
 config_flags.DEFINE_config_file("config", None, "Stage config file (configs/*.py[:arg]).",
                                 lock_config=True)
@@ -14,17 +18,11 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from absl import logging
     logging.set_verbosity(logging.WARNING)
-    if FLAGS.multihost:
-        import jax
+    if FLAGS.multihost:   # before anything touches a backend
         jax.distributed.initialize()
-    import jax
-    from clara_jax import cpu_malloc
     cpu_malloc.warn_if_unset(jax.default_backend())
-    from clara_jax.train.train import train
-    summary = train(FLAGS.config, FLAGS.workdir)
-    print(summary)
+    print(train(FLAGS.config, FLAGS.workdir))
 
 
 if __name__ == "__main__":

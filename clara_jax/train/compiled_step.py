@@ -1,6 +1,6 @@
-"""A compiled train step as a file, and the shardings of a train state: what `train` needs to
-run an executable serialised by `clara_jax.aot --serialize` (which imports this module; this
-module never imports aot).
+"""A compiled train step as a file: what `train` needs to run an executable serialised by
+`python -m clara_jax.aot --serialize` (the aot package imports this module, never the
+reverse; the loader lives on the train side so train needs nothing from aot).
 
 The file (as MaxText does): two pickle records, the fingerprint of what the step was
 compiled for (backend, device count, mesh, jax version, the step-relevant config fields, the
@@ -19,40 +19,13 @@ from typing import Any, Sequence
 
 import jax
 import ml_collections
-import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.experimental import serialize_executable
 
 
 def with_sharding(abstract: Any, sharding: Any) -> Any:
     """ShapeDtypeStructs of `abstract` carrying the matching leaves of `sharding`."""
     return jax.tree_util.tree_map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, sharding)
-
-
-def state_sharding(state: Any, setup: Any, mesh) -> Any:
-    """NamedShardings of a (possibly abstract) TrainState (`setup`: a train.StepSetup): base
-    weights and adapters by their logical axes, the optimizer's parameter-shaped leaves like
-    the trainable tree, anything else (step, counts, PRNG key, extra trainable rows)
-    replicated."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def tree_sharding(tree: dict) -> dict:
-        out = {}
-        for name, sub in tree.items():
-            if name == "base":
-                out[name] = setup.param_sharding
-            elif isinstance(sub, dict) and setup.lora_sharding is not None:
-                out[name] = setup.lora_sharding
-            else:
-                out[name] = jax.tree_util.tree_map(lambda _: replicated, sub)
-        return out
-
-    trainable = tree_sharding(state.trainable)
-    opt = optax.tree_map_params(setup.tx, lambda _, s: s, state.opt_state, trainable,
-                                transform_non_params=lambda _: replicated)
-    return state.replace(step=replicated, base=setup.param_sharding if state.base else {},
-                         trainable=trainable, frozen=tree_sharding(state.frozen),
-                         opt_state=opt, rng=replicated)
 
 
 FINGERPRINT_FORMAT = 2   # 2: the fingerprint is its own pickle record, before the executable
@@ -154,7 +127,6 @@ def serialize(compiled, path: str, fingerprint: dict) -> None:
     the compiled executable (`jax.experimental.serialize_executable`) with its argument /
     result tree structures {"payload", "in_tree", "out_tree"}. Checks read the first record
     only, so a mismatching 7B executable is refused without reading it."""
-    from jax.experimental import serialize_executable
     payload, in_tree, out_tree = serialize_executable.serialize(compiled)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
@@ -197,7 +169,6 @@ def load_compiled(path: str):
     topology and jax / libtpu versions it was compiled for; unchecked: see `load_train_step`).
     Call it like the jitted step: `state, metrics = step(state, batch)` with arrays sharded
     exactly as compiled."""
-    from jax.experimental import serialize_executable
     _, stored = read_serialized(path, executable=True)
     return serialize_executable.deserialize_and_load(stored["payload"], stored["in_tree"],
                                                      stored["out_tree"])
@@ -229,7 +200,7 @@ def load_train_step(path: str, c: ml_collections.ConfigDict, model_cfg, mesh, st
                     shardings) -> CompiledTrainStep:
     """The train step serialised at `path`, loaded for this run after checking its
     fingerprint against the run's (config `c`, `model_cfg`, `mesh`, the `state` (arrays or
-    abstract) placed on `shardings`, i.e. `state_sharding(state, setup, mesh)`): ValueError
+    abstract) placed on `shardings`, i.e. `setup.state_sharding(state, ...)`): ValueError
     naming the file and every difference (a platform mismatch says that the executable
     cannot run here) before anything is deserialised."""
     fingerprint = read_fingerprint(path)

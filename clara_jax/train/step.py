@@ -11,6 +11,9 @@ beside the adapters. They live in `trainable["mem_embeddings"]` [num_mem_rows, h
 written into a copy of the frozen embedding table inside the loss (rows `first_mem_token_id`
 onwards, a static range), so the rest of the table gets neither gradient nor optimizer state.
 `<AE>`, `<ENC>`, `<SEP>` and `lm_head` stay frozen, as officially.
+
+The base-LM trainer (stage `base_lm`) trains every base weight: `trainable = {"base": params}`,
+no adapters, `make_base_lm_step`.
 """
 
 from __future__ import annotations
@@ -95,6 +98,20 @@ def train_mem_embeddings(state: TrainState, cfg: ClaraConfig,
     return state.replace(trainable=trainable, opt_state=tx.init(trainable))
 
 
+def apply_if_finite(state: TrainState, grads: dict, loss: jax.Array,
+                    tx: optax.GradientTransformation) -> tuple[dict, Any, jax.Array, jax.Array]:
+    """The non-finite guard of every step: (trainable, opt_state, grad_norm, finite) after the
+    optimizer update of `grads` (a tree like `state.trainable`), or the state's own trainable
+    and optimizer trees where `loss` or the gradient norm is not finite (`finite` False)."""
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree_util.tree_map(
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    return keep(trainable, state.trainable), keep(opt_state, state.opt_state), grad_norm, finite
+
+
 def make_train_step(model: Mistral, cfg: ClaraConfig, stage: str,
                     tx: optax.GradientTransformation,
                     schedule: Callable[[jax.Array], jax.Array] | None = None,
@@ -115,14 +132,9 @@ def make_train_step(model: Mistral, cfg: ClaraConfig, stage: str,
                            rng=step_rng)
 
         (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(state.trainable)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-        trainable = optax.apply_updates(state.trainable, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree_util.tree_map(
-            lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = state.replace(step=state.step + 1, trainable=keep(trainable, state.trainable),
-                                  opt_state=keep(opt_state, state.opt_state), rng=rng)
+        trainable, opt_state, grad_norm, finite = apply_if_finite(state, grads, loss, tx)
+        new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
+                                  rng=rng)
         metrics = {k: v for k, v in aux.items()}
         metrics.update(loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32))
         if schedule is not None:
@@ -142,5 +154,36 @@ def make_eval_step(model: Mistral, cfg: ClaraConfig, stage: str
                                              cfg)
         _, metrics = loss_fn(model, base, adapters, batch, cfg, deterministic=True)
         return metrics
+
+    return eval_step
+
+
+def make_base_lm_step(model: Mistral, tx: optax.GradientTransformation,
+                      schedule: Callable[[jax.Array], jax.Array]
+                      ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """Next-token training of every base weight (`state.trainable["base"]`) on packed text:
+    batch {"ids", "labels": [B, L]} (labels: the ids, padding ignored). metrics: loss,
+    grad_norm, finite, learning_rate. No dropout, so the PRNG key is left as it is."""
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        def objective(trainable):
+            logits = model.apply({"params": trainable["base"]}, batch["ids"]).logits
+            return losses.causal_lm_loss(logits, batch["labels"])
+
+        loss, grads = jax.value_and_grad(objective)(state.trainable)
+        trainable, opt_state, grad_norm, finite = apply_if_finite(state, grads, loss, tx)
+        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), {
+            "loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.float32),
+            "learning_rate": schedule(state.step)}
+
+    return train_step
+
+
+def make_base_lm_eval_step(model: Mistral) -> Callable[[TrainState, dict], dict]:
+    """`eval_step(state, batch) -> {"loss"}`: the base LM's next-token loss on packed text."""
+
+    def eval_step(state: TrainState, batch: dict) -> dict:
+        logits = model.apply({"params": state.trainable["base"]}, batch["ids"]).logits
+        return {"loss": losses.causal_lm_loss(logits, batch["labels"])}
 
     return eval_step

@@ -18,6 +18,11 @@ import os
 import re
 
 import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from clara_jax.train.setup import validate_config
+from clara_jax.train.train import train
 
 RATES_FIELD = "sweep_compress_rates"
 # Table columns after the rate and the memory-token count, in this order, when any run has
@@ -53,8 +58,6 @@ def sweep_configs(c: ml_collections.ConfigDict) -> list[tuple[int, ml_collection
 def run_sweep(c: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains every rate (validated up front, before anything compiles) into
     `{workdir}/rate_{r}`, then writes and returns the table (`tabulate`)."""
-    from clara_jax.train.train import train, validate_config
-
     runs = sweep_configs(c)
     for _, run in runs:
         validate_config(run)
@@ -131,9 +134,6 @@ def write_table(workdir: str) -> dict:
 
 
 def _cli() -> None:
-    from absl import app, flags
-    from ml_collections import config_flags
-
     config_flags.DEFINE_config_file("config", None, "Sweep config "
                                     "(configs/sweeps/compression_rate.py[:arg]).",
                                     lock_config=True)
@@ -142,7 +142,6 @@ def _cli() -> None:
 
     def main(argv):
         del argv
-        from absl import logging
         logging.set_verbosity(logging.WARNING)
         print(run_sweep(flags.FLAGS.config, flags.FLAGS.workdir)["markdown"])
 

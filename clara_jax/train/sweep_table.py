@@ -6,6 +6,8 @@ Markdown table and writes `DIR/sweep_table.md` and `DIR/sweep_table.json`.
 
 from absl import app, flags
 
+from clara_jax.train.sweep import write_table
+
 flags.DEFINE_string("workdir", None, "Sweep directory (holding rate_{r} run directories).")
 flags.mark_flags_as_required(["workdir"])
 FLAGS = flags.FLAGS
@@ -13,7 +15,6 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from clara_jax.train.sweep import write_table
     print(write_table(FLAGS.workdir)["markdown"])
 
 

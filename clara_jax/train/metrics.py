@@ -1,0 +1,130 @@
+"""The loop's metrics: throughput and truncation counters between log rows, retrieval recall,
+MFU, and where rows go (`{workdir}/metrics.jsonl`, TensorBoard, a tqdm bar)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from clara_jax.train.inputs import TOKEN_MASKS
+
+
+class Meter:
+    """Counts steps, tokens and model FLOPs since the last row, and documents / prompts cut
+    to their static length so far in the current epoch."""
+
+    def __init__(self, batch_size: int, n_train: int, peak_flops: float):
+        self.batch_size, self.n_train, self.peak_flops = batch_size, n_train, peak_flops
+        self.epoch, self.truncated_docs, self.truncated_prompts = -1, 0, 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.t_last, self.steps, self.tokens, self.flops = time.time(), 0, 0, 0.0
+
+    def add(self, step: int, batch: dict, extras: dict, step_flops: float) -> None:
+        """Counts one step (0-based `step`) over `batch` (what the step reads) and `extras`
+        (`inputs.split_batch`'s truncation counts)."""
+        epoch = step * self.batch_size // max(self.n_train, 1)
+        if epoch != self.epoch:
+            self.epoch, self.truncated_docs, self.truncated_prompts = epoch, 0, 0
+        self.truncated_docs += int(np.sum(extras["truncated_docs"]))
+        self.truncated_prompts += int(np.sum(extras["truncated_prompt"]))
+        self.tokens += (batch["ids"].size if "ids" in batch
+                        else int(sum(np.sum(batch[k]) for k in TOKEN_MASKS if k in batch)))
+        self.flops += step_flops
+        self.steps += 1
+
+    def row(self, done: int, metrics: dict, pos_mask: np.ndarray | None) -> dict:
+        """The log row after `done` steps: the step's scalar metrics (host values), rates
+        since the last row, the epoch's truncation counts, recall@1 / @k where there are
+        positives. Restarts the rates."""
+        elapsed = time.time() - self.t_last
+        row = {"step": done, **{k: float(v) for k, v in metrics.items()
+                                if np.ndim(v) == 0 and k != "finite"},
+               "steps_per_s": self.steps / elapsed,
+               "tokens_per_s": self.tokens / elapsed,
+               "model_flops_per_s": self.flops / elapsed,
+               **mfu(self.flops / elapsed, self.peak_flops),
+               "epoch": self.epoch,
+               "truncated_docs_epoch": self.truncated_docs,
+               "truncated_prompts_epoch": self.truncated_prompts}
+        if pos_mask is not None and "topk_indices" in metrics:
+            row.update(retrieval_metrics(np.asarray(metrics["topk_indices"]), pos_mask))
+        self.reset()
+        return row
+
+
+def mfu(model_flops_per_s: float, peak_flops_per_device: float) -> dict:
+    """{"mfu": achieved model FLOP/s / (peak FLOP/s per device x devices)}; {} when the
+    peak is unknown (0)."""
+    if not peak_flops_per_device:
+        return {}
+    return {"mfu": model_flops_per_s / (peak_flops_per_device * jax.device_count())}
+
+
+def retrieval_metrics(topk: np.ndarray, pos_mask: np.ndarray) -> dict:
+    """recall@1 and recall@k of the selected candidates topk [B, k] against pos_mask [B, N],
+    over the rows with a positive; {} when none has."""
+    has = pos_mask.sum(1) > 0
+    if not has.any():
+        return {}
+    hit1 = pos_mask[np.arange(len(topk)), topk[:, 0]] > 0
+    found = np.take_along_axis(pos_mask, topk, axis=1).sum(1)
+    recall_k = found / np.maximum(pos_mask.sum(1), 1)
+    return {"recall@1": float(hit1[has].mean()), f"recall@{topk.shape[1]}":
+            float(recall_k[has].mean())}
+
+
+class MetricsLog:
+    """Rows to `{workdir}/metrics.jsonl` (train rows, appended as they come, so a crash keeps
+    them), TensorBoard scalars `train/*`, `eval/*` (when tensorboardX is installed) and a tqdm
+    bar (stderr) showing step, loss and throughput."""
+
+    def __init__(self, workdir: str, first_step: int, total_steps: int):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.total = total_steps
+        self.writer = _summary_writer(workdir)
+        self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True,
+                        mininterval=1.0)
+
+    def train(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self._scalars(row, "train")
+        self.bar.update(row["step"] - self.bar.n)
+        self.bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "mse_loss", "grad_norm",
+                                                           "tokens_per_s", "recall@1")
+                              if k in row})
+        if row["step"] >= self.total:
+            self.bar.close()
+
+    def eval(self, row: dict) -> None:
+        self._scalars(row, "eval")
+        print(f"  eval @ {row['step']}: " + ", ".join(
+            f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def _scalars(self, row: dict, prefix: str) -> None:
+        if self.writer is None:
+            return
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.writer.add_scalar(f"{prefix}/{k}", v, row["step"])
+        self.writer.flush()
+
+
+def _summary_writer(workdir: str) -> Any:
+    try:
+        from tensorboardX import SummaryWriter   # optional
+    except ImportError:  # pragma: no cover
+        return None
+    return SummaryWriter(os.path.join(workdir, "tensorboard"))
