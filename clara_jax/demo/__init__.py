@@ -36,3 +36,11 @@ from clara_jax.demo.stages import (BASE_TRAINER_FIELDS, CLARA_STAGES, CONFIG_DIR
                                    train_rates_in_parallel)
 from clara_jax.demo.worlds import (make_worlds, write_base_text, write_eval_file,
                                    write_whole_words)
+
+__all__ = ["BASE_FIELDS", "SHIPPED_BASE", "base_recipe", "export_base", "shipped_base",
+           "CLAIM_GROUPS", "check", "paired_margin", "Table", "base_as_clara", "evaluate_base",
+           "evaluate_models", "format_results", "kind_table", "plot", "read_eval_records",
+           "parse_rates", "prepare", "run", "BASE_TRAINER_FIELDS", "CLARA_STAGES",
+           "CONFIG_DIR", "STAGE_FILES", "cpu_groups", "run_stage", "stage_config",
+           "train_rate", "train_rates_in_parallel", "make_worlds", "write_base_text",
+           "write_eval_file", "write_whole_words"]

@@ -33,10 +33,9 @@ from clara_jax.train import step as step_lib
 from clara_jax.train.checkpoint import Checkpointer
 from clara_jax.train.metrics import Meter, MetricsLog
 from clara_jax.train.setup import Run, build_run, model_flops, validate_config
-from clara_jax.train.start import load_start, resize_vocab, run_tokenizer
+from clara_jax.train.start import load_start, run_tokenizer
 
-# resize_vocab is re-exported for clara_jax.demo, which imports it from here.
-__all__ = ["train", "evaluate_loss", "export_model", "resize_vocab"]
+__all__ = ["train", "evaluate_loss", "export_model"]
 
 
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
