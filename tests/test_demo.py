@@ -269,7 +269,11 @@ def test_make_demo_passes_its_own_check(tmp_path):
     cfg = _demo_config()
     assert out["failures"] == [] and out["config"]["rates"] == cfg.rates
     gate = cfg.check.gate.split(",")
-    assert len(out["check"]) == 2 + 1 + 1 + 1 + 2 * 2
+    rates = [int(r) for r in cfg.rates.split(",")]
+    # base 2, the gap at the lowest rate, EM at each rate >= 16, each pair of neighbouring
+    # rates, and Recall@1 gain and normal / oracle at every rate
+    assert len(out["check"]) == 2 + 1 + sum(r >= 16 for r in rates) + len(rates) - 1 + \
+        2 * len(rates)
     assert all(line.startswith("ok  ") for line in out["check"]
                if line.split("[")[1].split("]")[0] in gate)
     rows = {(r["system"], str(r["rate"]), r["setting"], r["stage"]): r for r in out["rows"]}
