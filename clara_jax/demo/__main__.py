@@ -63,7 +63,3 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
     app.run(main)
-
-
-if __name__ == "__main__":
-    app.run(main)
