@@ -1,7 +1,7 @@
 """Where a train step's time goes: a jax.profiler trace of our stage-1 / stage-3 step at the
 `train_step.py` config, summarised per XLA op category from XProf's trace data.
 
-    python benchmarks/profile_step.py [--stage stage1|stage3] [--steps 2] [--quick]
+    python benchmarks/profile_step.py [--stage pretrain|end_to_end] [--steps 2] [--quick]
         [--trace_dir /tmp/clara_profile] [--json out.json]
 
 Prints a table: op category (dot = the matmuls, elementwise fusions, copies and transposes,
@@ -96,7 +96,7 @@ def summarise(times: list[tuple[str, float]]) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage", default="stage1", choices=["stage1", "stage3"])
+    ap.add_argument("--stage", default="pretrain", choices=["pretrain", "end_to_end"])
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="tiny config (smoke test)")
     ap.add_argument("--work_dir", default="/tmp/clara_bench")
@@ -110,8 +110,8 @@ def main():
     from clara_jax.train.optim import make_optimizer
 
     name, c, _, ours = models(a.quick, a.work_dir, None)
-    k = 1 if a.stage == "stage1" else c["k"]
-    our_stage = "pretrain" if a.stage == "stage1" else "end_to_end"
+    k = 1 if a.stage == "pretrain" else c["k"]
+    our_stage = a.stage
     cfg = ours.config.replace(generation_top_k=k)
     tx = make_optimizer(1e-4, 100)
     fn = jax.jit(step_lib.make_train_step(ours.model, cfg, our_stage, tx, dropout=True))

@@ -1,7 +1,7 @@
 """How step time and memory grow with the run's shape: a table and a plot to plan a run.
 
     python benchmarks/scaling.py [--quick] [--parts cpu,aot] [--reps 3] [--no_cache]
-        [--factors k,candidates,doc_max_length,compress_rate] [--stage1_factors ...]
+        [--factors k,candidates,doc_max_length,compress_rate] [--pretrain_factors ...]
         [--aot_models tiny,mid] [--topology v5e:2x2] [--fsdp 1,2,4] [--aot_from scaling.json]
         [--out_dir benchmarks/results/scaling]
 
@@ -52,7 +52,7 @@ BASE = dict(model="tiny", batch=4, candidates=20, k=5, doc_max_length=128, compr
             prompt_len=256, answer_len=16)
 FACTORS = {"k": (1, 2, 5, 10), "candidates": (5, 10, 20, 40),
            "doc_max_length": (64, 128, 256, 512), "compress_rate": (4, 16, 32, 128)}
-STAGE1_FACTORS = ("doc_max_length", "compress_rate")
+PRETRAIN_FACTORS = ("doc_max_length", "compress_rate")
 QUICK_FACTORS = {name: (values[0], values[-1]) for name, values in FACTORS.items()}
 
 # AOT: Mistral-shaped models between `mid` and 7B (bf16 + full remat, as the 7B preset).
@@ -70,16 +70,16 @@ AOT_FSDP = (1, 2, 4)
 # -- CPU ----------------------------------------------------------------------------------
 
 def run_config(point: dict, stage: str, cached: bool = False):
-    """The trainer's ConfigDict for a sweep point (`BASE`'s keys) and stage ("stage1" |
-    "stage3") on one device; validated (ValueError naming the field)."""
+    """The trainer's ConfigDict for a sweep point (`BASE`'s keys) and stage ("pretrain" |
+    "end_to_end") on one device; validated (ValueError naming the field)."""
     from configs.common import base_config
     from clara_jax.train import setup as setup_lib
-    c = base_config("pretrain" if stage == "stage1" else "end_to_end", point["model"])
+    c = base_config(stage, point["model"])
     c.doc_max_length = point["doc_max_length"]
     c.compress_rate = point["compress_rate"]
     c.batch_size = point["batch"]
     c.max_len = point["prompt_len"]
-    c.generation_top_k = 1 if stage == "stage1" else point["k"]
+    c.generation_top_k = 1 if stage == "pretrain" else point["k"]
     c.num_candidates = point["candidates"]
     c.pretrain_k = 1
     c.mesh.data, c.mesh.fsdp = 1, 1
@@ -152,15 +152,15 @@ def sweep_points(base: dict, factors: dict) -> list[tuple[str, object, dict]]:
 
 
 def cpu_sweep(base: dict = BASE, factors: dict = FACTORS, reps: int = 3,
-              stage1_factors=STAGE1_FACTORS, cached: bool = True) -> list[dict]:
+              pretrain_factors=PRETRAIN_FACTORS, cached: bool = True) -> list[dict]:
     """One row per (factor, value, stage, candidates mode): the point, s/step and memory.
     Points repeated across factors (the base point) are measured once."""
     from tqdm import tqdm
     jobs = []
     for name, v, point in sweep_points(base, factors):
-        modes = [("stage3", False)] + ([("stage3", True)] if cached else [])
-        if name in stage1_factors:
-            modes.append(("stage1", False))
+        modes = [("end_to_end", False)] + ([("end_to_end", True)] if cached else [])
+        if name in pretrain_factors:
+            modes.append(("pretrain", False))
         jobs += [(name, v, point, stage, c) for stage, c in modes]
     done: dict = {}
     rows = []
@@ -174,7 +174,7 @@ def cpu_sweep(base: dict = BASE, factors: dict = FACTORS, reps: int = 3,
                             f"{m['s/step']:.3f} s, {m['peak_bytes'] / MiB:.0f} MiB")
         rows.append({"factor": name, "value": v, "stage": stage,
                      "candidates": ("cached" if c else "compressed in step")
-                     if stage == "stage3" else "-",
+                     if stage == "end_to_end" else "-",
                      "point": point, **m})
     return rows
 
@@ -340,7 +340,7 @@ def main():
     ap.add_argument("--topology", default=AOT_TOPOLOGY)
     ap.add_argument("--fsdp", default=",".join(map(str, AOT_FSDP)))
     ap.add_argument("--factors", default=",".join(FACTORS), help="stage-3 factors to vary")
-    ap.add_argument("--stage1_factors", default=",".join(STAGE1_FACTORS),
+    ap.add_argument("--pretrain_factors", default=",".join(PRETRAIN_FACTORS),
                     help="factors also measured in stage 1 (empty: none)")
     ap.add_argument("--no_cache", action="store_true",
                     help="stage 3 uncached only (no run with the candidate cache)")
@@ -354,7 +354,7 @@ def main():
         factors = {name: (QUICK_FACTORS if a.quick else FACTORS)[name]
                    for name in a.factors.split(",")}
         result["cpu"] = cpu_sweep(BASE, factors, a.reps,
-                                  tuple(filter(None, a.stage1_factors.split(","))),
+                                  tuple(filter(None, a.pretrain_factors.split(","))),
                                   cached=not a.no_cache)
         result["load_after_cpu"] = common.load_line()
     if "aot" in parts:

@@ -32,6 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 from stage3_cache import stage3_batch  # noqa: E402
 
+from clara_jax.clara.config import APPLE_STAGES  # noqa: E402
+
+# Our stage -> the official trainer's batch["stage"] (its names stop at this boundary).
+APPLE_STAGE_NAMES = {ours: apple for apple, ours in APPLE_STAGES.items()}
+
 # Mid-size Mistral-shaped config of the issue, and a tiny one for the smoke test.
 CONFIGS = {
     "mid": dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1536, base_vocab=4000,
@@ -47,12 +52,12 @@ def stage_batches(c: dict, vocab_base: int) -> dict[str, dict]:
     """Random-id batches (numpy) of stage 1 (k = 1, no query) and stage 3."""
     n_mem = c["doc_max_length"] // c["compress_rate"]
     out = {}
-    for stage, n_cand, k in (("stage1", 1, 1), ("stage3", c["candidates"], c["k"])):
+    for stage, n_cand, k in (("pretrain", 1, 1), ("end_to_end", c["candidates"], c["k"])):
         b = stage3_batch(np.random.RandomState(1), vocab_base, c["batch"], n_cand, k, n_mem,
                          c["doc_max_length"], c["prompt_len"])
         b["labels"] = np.where(np.arange(c["prompt_len"]) >= c["prompt_len"] - c["answer_len"],
                                b["prompt_ids"], -100)
-        if stage == "stage1":
+        if stage == "pretrain":
             del b["query_ids"], b["query_mask"]
         out[stage] = b
     return out
@@ -63,12 +68,12 @@ def official_batch(b: dict, stage: str):
     import torch
     t = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.long)
     bsz, n, le = b["doc_ids"].shape
-    out = {"stage": "stage1" if stage == "stage1" else "stage2",
+    out = {"stage": APPLE_STAGE_NAMES[stage],
            "enc_input_ids": t(b["doc_ids"].reshape(bsz * n, le)),
            "enc_attention_mask": t(b["doc_mask"].reshape(bsz * n, le)),
            "dec_input_ids": t(b["prompt_ids"]), "dec_attention_mask": t(b["prompt_mask"]),
            "labels": t(b["labels"])}
-    if stage == "stage3":
+    if stage == "end_to_end":
         out["query_input_ids"] = t(b["query_ids"])
         out["query_attention_mask"] = t(b["query_mask"])
     return out
@@ -80,7 +85,7 @@ def model_flops(mcfg, c: dict, stage: str, cached: bool) -> float:
     lp = c["prompt_len"]
     enc = lambda rows: rows * le * mcfg.flops_per_token(le, compute_logits=False)
     dec = 2 * b * lp * mcfg.flops_per_token(lp)
-    if stage == "stage1":
+    if stage == "pretrain":
         return 2 * enc(b) + dec
     return 2 * enc(b) + (0 if cached else enc(b * c["candidates"])) + dec
 
@@ -88,7 +93,7 @@ def model_flops(mcfg, c: dict, stage: str, cached: bool) -> float:
 def tokens_per_step(c: dict, stage: str) -> int:
     """Input tokens one step reads: documents (and queries) through the encoder + prompts."""
     le = c["doc_max_length"] + 3 + c["doc_max_length"] // c["compress_rate"]
-    docs = c["batch"] * (1 if stage == "stage1" else c["candidates"] + 1) * le
+    docs = c["batch"] * (1 if stage == "pretrain" else c["candidates"] + 1) * le
     return docs + c["batch"] * c["prompt_len"]
 
 
@@ -112,7 +117,7 @@ def main():
     ap.add_argument("--clara_src", default=None, help="checkout of github.com/apple/ml-clara")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="tiny config (smoke test)")
-    ap.add_argument("--stages", default="stage1,stage3")
+    ap.add_argument("--stages", default="pretrain,end_to_end")
     ap.add_argument("--work_dir", default="/tmp/clara_bench")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
@@ -135,12 +140,12 @@ def main():
     tx = make_optimizer(1e-4, 100)
     rows = []
     for stage in a.stages.split(","):
-        k = 1 if stage == "stage1" else c["k"]
-        our_stage = "pretrain" if stage == "stage1" else "end_to_end"
+        k = 1 if stage == "pretrain" else c["k"]
+        our_stage = stage
         cfg = ours.config.replace(generation_top_k=k)
         fn = jax.jit(step_lib.make_train_step(ours.model, cfg, our_stage, tx, dropout=True))
         feeds = {"ours": {key: jnp.asarray(v) for key, v in batches[stage].items()}}
-        if stage == "stage3":
+        if stage == "end_to_end":
             b, n = c["batch"], c["candidates"]
             enc = jax.jit(lambda ids, mask: compress(ours.model, ours.params,
                                                      ours.adapters["encoder"], ids, mask,
@@ -175,7 +180,7 @@ def main():
                 official.train()
                 opt.zero_grad(set_to_none=True)
                 loss, aux = official(batch=obatch)
-                if stage == "stage1":
+                if stage == "pretrain":
                     loss = loss + 0.1 * aux["mse_loss"]
                 loss.backward()
                 opt.step()
@@ -188,8 +193,8 @@ def main():
             s = common.median(ss)
             is_cached = "cached" in label
             flops = model_flops(mcfg, c, stage, is_cached)
-            row = {"stage": {"stage1": "1 (SCP, k=1)",
-                             "stage3": f"3 ({c['candidates']} cand., k={c['k']})"}[stage],
+            row = {"stage": {"pretrain": "1 (SCP, k=1)",
+                             "end_to_end": f"3 ({c['candidates']} cand., k={c['k']})"}[stage],
                    "implementation": label, "s/step": s, "examples/s": c["batch"] / s,
                    "tokens/s": round(tokens_per_step(c, stage) / s),
                    "model GFLOP/s": flops / s / 1e9, "_flops": flops, "_secs": ss}

@@ -17,7 +17,7 @@ TOY = dict(model="tiny", batch=2, candidates=4, k=2, doc_max_length=32, compress
 @pytest.fixture(scope="module")
 def rows():
     return scaling.cpu_sweep(TOY, {"candidates": (2, 4), "doc_max_length": (16, 32)}, reps=1,
-                             stage1_factors=("doc_max_length",), cached=True)
+                             pretrain_factors=("doc_max_length",), cached=True)
 
 
 def by(rows, factor, stage, candidates):
@@ -30,19 +30,19 @@ def by(rows, factor, stage, candidates):
 def test_memory_and_time_grow_with_the_work(rows):
     assert all(r["s/step"] > 0 and r["compile_s"] > 0 for r in rows)
     # Uncached, the step compresses B x N candidates: twice the candidates, more temporaries.
-    cand = by(rows, "candidates", "stage3", "compressed in step")
+    cand = by(rows, "candidates", "end_to_end", "compressed in step")
     assert cand[4]["temp_bytes"] > cand[2]["temp_bytes"]
     # Cached, the candidates are arguments: a float32 table [B x N, n, D] and int32 rows [B, N].
-    cached = by(rows, "candidates", "stage3", "cached")
+    cached = by(rows, "candidates", "end_to_end", "cached")
     n_mem, hidden, more = TOY["doc_max_length"] // TOY["compress_rate"], 128, TOY["batch"] * 2
     assert (cached[4]["argument_bytes"] - cached[2]["argument_bytes"]
             == more * n_mem * hidden * 4 + more * 4)
     # Longer documents: more encoder activations in both stages.
-    for stage, mode in (("stage3", "compressed in step"), ("stage1", "-")):
+    for stage, mode in (("end_to_end", "compressed in step"), ("pretrain", "-")):
         doc = by(rows, "doc_max_length", stage, mode)
         assert doc[32]["peak_bytes"] > doc[16]["peak_bytes"]
     # The base point (4 candidates, 32 tokens) is measured once and shared by both factors.
-    assert by(rows, "doc_max_length", "stage3", "cached")[32]["secs"] is cached[4]["secs"]
+    assert by(rows, "doc_max_length", "end_to_end", "cached")[32]["secs"] is cached[4]["secs"]
 
 
 @pytest.mark.slow
@@ -58,9 +58,9 @@ def test_table_and_plot(rows, tmp_path):
 
 def test_run_config_names_bad_points():
     with pytest.raises(ValueError, match="generation_top_k"):
-        scaling.run_config({**TOY, "k": 5}, "stage3")
+        scaling.run_config({**TOY, "k": 5}, "end_to_end")
     with pytest.raises(ValueError, match="prompt_len"):
-        scaling.run_config({**TOY, "k": 4, "compress_rate": 2}, "stage3")
+        scaling.run_config({**TOY, "k": 4, "compress_rate": 2}, "end_to_end")
 
 
 def test_extra_presets_are_scoped():

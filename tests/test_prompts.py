@@ -278,8 +278,9 @@ def test_generation_prompts(toks):
     # Legacy tokenisation: the piece after <SEP> gets its own "▁", hence two spaces.
     assert tok.decode(qa.input_ids[0], skip_special_tokens=False).endswith(
         "Background:\n<MEM0><MEM1><MEM2><MEM3><SEP>  [/INST]")
-    with pytest.raises(ValueError):
-        prompts.generation_prompts(tok, qs, k=2, stage="nope")
+    for stage in ("nope", "stage1_2", "stage2"):   # Apple's names stop at the boundaries
+        with pytest.raises(ValueError, match="unknown generation stage"):
+            prompts.generation_prompts(tok, qs, k=2, stage=stage)
 
 
 def test_encode_documents(toks):

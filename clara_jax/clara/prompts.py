@@ -288,7 +288,7 @@ def pretrain_paraphrase(tok: ClaraTokenizer, paraphrases: Sequence[str], *, k: i
 
 def instruct(tok: ClaraTokenizer, questions: Sequence[str], answers: Sequence[str], *, k: int,
              max_len: int) -> DecoderBatch:
-    """Instruction-tuning (stage1_2) batch: k compressed documents, a question, its answer
+    """Instruction-tuning (stage 2, `instruct`) batch: k compressed documents, a question, its answer
     (D:137-142 -> M:986-987)."""
     if len(questions) != len(answers):
         raise ValueError("questions and answers differ in length")
@@ -298,7 +298,7 @@ def instruct(tok: ClaraTokenizer, questions: Sequence[str], answers: Sequence[st
 
 def end_to_end(tok: ClaraTokenizer, questions: Sequence[str], answers: Sequence[str], *,
                k: int, max_len: int) -> DecoderBatch:
-    """End-to-end (stage2) batch: same layout as `instruct` with the k selected documents
+    """End-to-end (stage 3, `end_to_end`) batch: same layout as `instruct` with the k selected documents
     (D:197-224 -> M:1124-1181)."""
     return instruct(tok, questions, answers, k=k, max_len=max_len)
 
@@ -312,16 +312,18 @@ def generation_prompts(tok: ClaraTokenizer, questions: Sequence[str], *, k: int,
 
     stage "instruct" / "end_to_end": `generate_from_text` / `generate_from_questions`
     (M:792-800, M:701-713); "paraphrase": `generate_from_paraphrase` (M:766-767; questions
-    only set the batch size); "pretrain_qa": the QA prompt (no official generator). The
-    official generators truncate at max_length=1024.
+    only set the batch size); "pretrain" / "pretrain_qa": the QA prompt (no official
+    generator). Our stage names only (Apple's are converted where they enter:
+    `config.canonical_stage`). The official generators truncate at max_length=1024.
     """
-    if stage in ("instruct", "end_to_end", "stage1_2", "stage2"):
+    if stage in ("instruct", "end_to_end"):
         pairs = [answer_strings(tok, q, None, k) for q in questions]
-    elif stage in ("paraphrase", "stage1_paraphrase"):
+    elif stage == "paraphrase":
         idx = _instruction_indices(len(questions), instruction, rng)
         pairs = [paraphrase_strings(tok, None, k, i) for i in idx]
-    elif stage in ("pretrain_qa", "pretrain", "stage1"):
+    elif stage in ("pretrain_qa", "pretrain"):
         pairs = [qa_strings(tok, (), None, k) for _ in questions]
     else:
-        raise ValueError(f"unknown stage {stage!r}")
+        raise ValueError(f"unknown generation stage {stage!r}; known: instruct, end_to_end, "
+                         f"paraphrase, pretrain (pretrain_qa)")
     return build_decoder_batch(tok, pairs, k, max_len)
