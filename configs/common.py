@@ -84,6 +84,9 @@ def base_config(stage: str, model: str) -> ml_collections.ConfigDict:
     # query_reasoner_init_scale (below 1: a weakened warm start).
     c.end_to_end.query_reasoner_init = ""
     c.end_to_end.query_reasoner_init_scale = 1.0
+    # Stage 3 trains the decoder adapter with the query reasoner, as officially; False trains
+    # the query reasoner alone against the frozen generator (its loss still the only signal).
+    c.end_to_end.train_decoder = True
 
     c.data = ml_collections.ConfigDict()
     c.data.train_files = ""    # JSONL paths or globs; empty: the synthetic corpus (generated)

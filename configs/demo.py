@@ -70,7 +70,8 @@ def get_config(arg: str = ""):
     # Stage 3 trains the query reasoner from the generator's loss alone. Stages 1-2 never train
     # it, so it starts cold (B = 0: the base's own states at the memory tokens) and the rise of
     # Recall@1 is visible; temperature 0.1 (the official 0.02 learns too slowly at this size).
-    c.end_to_end = stage(steps=250, learning_rate=2e-3, temperature=0.1, worlds=4, max_len=72)
+    c.end_to_end = stage(steps=250, learning_rate=2e-3, temperature=0.1, worlds=4, max_len=72,
+                         train_decoder=True)
 
     # The 4 layers unrolled rather than scanned: 1.11x faster steps on CPU (same parameters).
     c.scan_layers = False

@@ -496,3 +496,30 @@ def test_every_step_shares_the_non_finite_guard():
         new, _, _, finite = step_lib.apply_if_finite(state, grads, loss, tx)
         assert not bool(finite)
         np.testing.assert_array_equal(new["w"], [1.0, 1.0])
+
+
+@pytest.mark.slow
+def test_end_to_end_can_train_the_query_reasoner_alone(tmp_path):
+    """end_to_end.train_decoder=False: stage 3 trains only the query reasoner, from the
+    generator's loss; the decoder adapter stays as it started (fresh LoRA B = 0, bitwise),
+    while by default (official) both learn."""
+    from clara_jax import Clara
+
+    c = config("configs/end_to_end.py")
+    assert setup_lib.trainable_adapters(c) == ("query_reasoner", "decoder")
+    c.end_to_end.train_decoder = False
+    assert setup_lib.trainable_adapters(c) == ("query_reasoner",)
+    b_norm = {}
+    for train_decoder in (False, True):
+        wd = tmp_path / f"decoder_{train_decoder}"
+        tiny_run(wd, "configs/end_to_end.py", 2, learning_rate=1e-2, doc_max_length=32,
+                 max_len=256, num_candidates=4, generation_top_k=2, temperature=0.1,
+                 **{"end_to_end.train_decoder": train_decoder})
+        adapters = Clara.load(str(wd)).adapters
+        b_norm[train_decoder] = {
+            name: sum(float(np.abs(x).sum()) for path, x in
+                      jax.tree_util.tree_leaves_with_path(adapters[name])
+                      if "lora_b" in jax.tree_util.keystr(path))
+            for name in ("decoder", "query_reasoner")}
+    assert b_norm[False]["decoder"] == 0.0 and b_norm[False]["query_reasoner"] > 0
+    assert b_norm[True]["decoder"] > 0 and b_norm[True]["query_reasoner"] > 0

@@ -68,6 +68,7 @@ def stage_config(cfg, name: str, worlds: dict[str, list[str]], rate: int | None,
     c.data.eval_files = os.path.join(worlds["clara"][0], f"{name}_eval.jsonl")
     if name == "end_to_end":
         c.temperature = s.temperature
+        c.end_to_end.train_decoder = s.train_decoder
     return c
 
 

@@ -24,7 +24,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from clara_jax import parallel
-from clara_jax.clara.config import STAGES, ClaraConfig
+from clara_jax.clara.config import STAGES, TRAINABLE_ADAPTERS, ClaraConfig
 from clara_jax.data import pipeline
 from clara_jax.model.config import MistralConfig, preset
 from clara_jax.model.lora import LoraConfig
@@ -223,6 +223,16 @@ def make_step_setup(c: ml_collections.ConfigDict, model: Mistral, cfg: ClaraConf
                      shardings["params"], shardings["lora"], tuple(notes))
 
 
+def trainable_adapters(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The adapters a CLaRa stage trains: the official ones (`TRAINABLE_ADAPTERS`), less the
+    decoder in end_to_end with `end_to_end.train_decoder` False (then only the query
+    reasoner learns, from the frozen generator's loss)."""
+    names = TRAINABLE_ADAPTERS[c.stage]
+    if c.stage == "end_to_end" and not c.end_to_end.train_decoder:
+        names = tuple(n for n in names if n != "decoder")
+    return names
+
+
 def init_state(c: ml_collections.ConfigDict, setup: StepSetup, cfg: ClaraConfig | None,
                params: dict, adapters: dict | None) -> step_lib.TrainState:
     """A fresh train state (also under `jax.eval_shape`): base_lm trains every base weight;
@@ -230,7 +240,7 @@ def init_state(c: ml_collections.ConfigDict, setup: StepSetup, cfg: ClaraConfig 
     if c.stage == "base_lm":
         return base_lm.init_state(params, setup.tx, jax.random.key(c.seed))
     state = step_lib.create_train_state(params, adapters, c.stage, setup.tx,
-                                        jax.random.key(c.seed))
+                                        jax.random.key(c.seed), trainable_adapters(c))
     if c.optimize_mem_tokens:
         state = step_lib.train_mem_embeddings(state, cfg, setup.tx)
     return state

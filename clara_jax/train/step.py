@@ -40,9 +40,11 @@ class TrainState:
     rng: jax.Array
 
 
-def split_adapters(adapters: dict[str, dict], stage: str) -> tuple[dict, dict]:
-    """(trainable, frozen) adapters for a stage; KeyError naming a missing adapter."""
-    names = TRAINABLE_ADAPTERS[canonical_stage(stage)]
+def split_adapters(adapters: dict[str, dict], stage: str,
+                   names: tuple[str, ...] | None = None) -> tuple[dict, dict]:
+    """(trainable, frozen) adapters for a stage (`names`: those it trains; default the
+    official `TRAINABLE_ADAPTERS[stage]`); KeyError naming a missing adapter."""
+    names = TRAINABLE_ADAPTERS[canonical_stage(stage)] if names is None else names
     missing = [n for n in names if n not in adapters]
     if missing:
         raise KeyError(f"stage {stage!r} trains adapters {names}; missing {missing}")
@@ -83,9 +85,11 @@ def with_mem_embeddings(base: dict, adapters: dict, cfg: ClaraConfig) -> tuple[d
 
 
 def create_train_state(base: dict, adapters: dict[str, dict], stage: str,
-                       tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    """A fresh state: optimizer state only for the stage's trainable adapters."""
-    trainable, frozen = split_adapters(adapters, stage)
+                       tx: optax.GradientTransformation, rng: jax.Array,
+                       trainable_names: tuple[str, ...] | None = None) -> TrainState:
+    """A fresh state: optimizer state only for the stage's trainable adapters
+    (`split_adapters`)."""
+    trainable, frozen = split_adapters(adapters, stage, trainable_names)
     return TrainState(step=jnp.zeros((), jnp.int32), base=base, trainable=trainable,
                       frozen=frozen, opt_state=tx.init(trainable), rng=rng)
 
