@@ -172,3 +172,23 @@ def test_compress_corpus_cli_one_line_failure_and_quiet_success(model, tmp_path)
     logs = [l for l in got.stderr.replace("\r", "\n").splitlines()
             if l.strip() and not l.startswith("compress")]
     assert logs == [], logs[:5]
+
+
+def test_answer_cli_one_line_failure_and_quiet_success(model, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    model.save(ckpt)
+    run = lambda path: subprocess.run(
+        [sys.executable, "-m", "clara_jax", "answer", f"--checkpoint={ckpt}", f"--docs={path}",
+         "--question=Which document?", "--k=2", "--max_new_tokens=2"], cwd=ROOT,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"), text=True, capture_output=True, timeout=300)
+    bad = write(tmp_path / "bad.jsonl", b'{"id": "a", "text": "one"}\n{"id": "b"}\n')
+    got = run(bad)
+    assert got.returncode == 2, got.stderr[-3000:]
+    assert got.stderr == f"answer: {bad}:2: text: missing, empty or not a string\n"
+    assert got.stdout == ""
+    lines = list(TEN)
+    lines[3] = "document number 4\rof ten"
+    got = run(write(tmp_path / "ten.txt", "\r\n".join(lines).encode()))
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert got.stdout.startswith("Q: Which document?\nA: ") and got.stdout.count("ten.txt:") == 2
+    assert got.stderr == ""
