@@ -12,9 +12,15 @@ which finds the other hosts on TPU VMs): host h compresses chunks h, h + hosts, 
 devices into --out_dir (a file system every host sees) and host 0 writes meta.json once all
 are done. Without jax.distributed, --host_index / --host_count split the work by hand (for
 example an array job of CPU machines); the last host to finish completes the index.
+
+A failure ends in one line on stderr and an exit status (2: a bad flag or input line, named
+file:line; 3: storage; see clara_jax.errors); --verbose adds the traceback and the libraries'
+INFO logs. The input is read whole and checked before --out_dir is created or written.
 """
 
-from absl import app, flags
+from absl import app, flags, logging
+
+from clara_jax.errors import run_command
 
 flags.DEFINE_string("checkpoint", None, "A saved Clara directory or a training work directory.")
 flags.DEFINE_string("input", None, "JSONL of {\"id\", \"text\"} (or .txt, one doc per line).")
@@ -27,12 +33,21 @@ flags.DEFINE_integer("host_index", None, "This host's share (with --host_count);
                      "jax.process_index().")
 flags.DEFINE_integer("host_count", None, "Number of hosts sharing the build; default: "
                      "jax.process_count().")
+flags.DEFINE_bool("verbose", False, "Show the libraries' INFO logs, and a failure's "
+                  "traceback.")
 flags.mark_flags_as_required(["checkpoint", "input", "out_dir"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
+    if not FLAGS.verbose:
+        logging.set_verbosity(logging.WARNING)
+    return run_command(compress_corpus, "compress_corpus", FLAGS.verbose)
+
+
+def compress_corpus() -> None:
+    """The command, with the flags parsed."""
     import jax
 
     if (FLAGS.host_index is None) != (FLAGS.host_count is None):

@@ -35,6 +35,8 @@ from jax.sharding import Mesh
 from clara_jax import parallel
 from clara_jax.clara import prompts
 from clara_jax.clara.compress import compress_jit, map_in_padded_batches
+from clara_jax.data.corpus import iter_corpus, read_corpus, scan_corpus
+from clara_jax.errors import UserError
 from clara_jax.infer.corpus_index import (
     FORMAT_VERSION, META, STATE_DTYPES, CorpusIndex, default_mesh, differences,
     encoder_fingerprint, model_settings, open_index, read_json, read_meta, search)
@@ -47,52 +49,30 @@ __all__ = ["CorpusIndex", "build_index", "compress_texts", "default_mesh", "enco
 
 # -- input documents ---------------------------------------------------------------------------
 
-def _file_identity(path: str) -> tuple[str, int]:
-    """(sha256 of the file's bytes, number of non-blank lines), read in one streaming pass."""
-    h = hashlib.sha256()
-    count = 0
-    with open(path, "rb") as f:
-        for line in f:
-            h.update(line)
-            count += bool(line.strip())
-    return h.hexdigest(), count
-
-
 def read_docs(path: str) -> Iterator[dict]:
-    """Documents of a file, lazily: JSONL rows {"id": str, "text": str}, or a .txt file with
-    one document per line (id `name:line`). Bad rows raise ValueError naming file:line:field."""
-    name = os.path.basename(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.endswith(".txt"):
-                yield {"id": f"{name}:{lineno}", "text": line.rstrip("\n")}
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected an object with id and text")
-            for field in ("id", "text"):
-                if not isinstance(row.get(field), str) or not row[field].strip():
-                    raise ValueError(f"{path}:{lineno}: {field}: missing, empty or not a string")
-            yield {"id": row["id"], "text": row["text"]}
+    """Documents {"id", "text"} of a JSONL or .txt corpus file, lazily (the rules:
+    `clara_jax.data.corpus`). Bad lines raise UserError naming file:line: field."""
+    return iter_corpus(path)
 
 
-def _docs_source(docs: str | Sequence) -> tuple[dict, int, Iterable[dict]]:
-    """(input identity for meta.json, number of documents, iterator of {"id", "text"})."""
+def _docs_source(docs: str | Sequence, chunk_size: int
+                 ) -> tuple[dict, int, Iterable[dict]]:
+    """(input identity for meta.json, number of documents, iterator of {"id", "text"}).
+
+    A file is read whole first (every line validated, counted, hashed) and read again as
+    the chunks are written, each chunk checked against that first pass before it is
+    compressed, so a bad line is found before anything is written and a file changed
+    meanwhile never ends up in a chunk."""
     if isinstance(docs, (str, os.PathLike)):
-        path = os.path.abspath(docs)
-        digest, count = _file_identity(path)
-        return {"source": path, "sha256": digest}, count, read_docs(path)
+        scan = scan_corpus(os.path.abspath(docs), every=chunk_size)
+        return ({"source": scan.path, "sha256": scan.sha256}, scan.num_docs,
+                read_corpus(scan))
     rows = []
     for i, d in enumerate(docs):
         row = {"id": str(i), "text": d} if isinstance(d, str) else {"id": d["id"],
                                                                      "text": d["text"]}
         if not isinstance(row["text"], str) or not row["text"].strip():
-            raise ValueError(f"documents[{i}]: text is empty or not a string")
+            raise UserError(f"documents[{i}]: text is empty or not a string")
         rows.append(row)
     h = hashlib.sha256()
     for r in rows:
@@ -192,19 +172,20 @@ def build_index(model, docs: str | Sequence, out_dir: str, *, batch_size: int = 
     if chunk_size <= 0 or batch_size <= 0:
         raise ValueError(f"chunk_size ({chunk_size}) and batch_size ({batch_size}) must be "
                          f"positive")
-    identity, total, rows = _docs_source(docs)
+    identity, total, rows = _docs_source(docs, chunk_size)
     if total == 0:
-        raise ValueError(f"{identity['source']}: no documents")
+        raise UserError(f"{identity['source']}: no documents")
     settings = {**model_settings(model, dtype), "chunk_size": chunk_size}
+    host_index, host_count = host or (jax.process_index(), jax.process_count())
+    if not 0 <= host_index < host_count:
+        raise ValueError(f"host index {host_index} is not in [0, {host_count})")
+    # Only now, with the input read whole and the arguments checked, is out_dir touched.
     os.makedirs(out_dir, exist_ok=True)
     meta = read_meta(out_dir)
     if meta is not None:
         _check_same_build(meta, settings, identity, out_dir, "an index")
         if meta["complete"]:
             return open_index(out_dir, model, verify=False)
-    host_index, host_count = host or (jax.process_index(), jax.process_count())
-    if not 0 <= host_index < host_count:
-        raise ValueError(f"host index {host_index} is not in [0, {host_count})")
     other = sorted(f for f in os.listdir(out_dir) if f.startswith("host_") and
                    f.endswith(".json") and not f.endswith(f"_of_{host_count:03d}.json"))
     if other:
