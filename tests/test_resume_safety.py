@@ -4,6 +4,7 @@ damaged newest step falls back to the previous intact one."""
 
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -15,7 +16,7 @@ from clara_jax.train import train as train_lib
 from config_files import load_config
 
 
-def base_run(workdir, steps=6, **overrides):
+def base_run(workdir, steps=9, **overrides):
     """A tiny base LM trained from scratch (random base built from the seed): 8 sequences of
     64 tokens a step, a checkpoint every 3 steps."""
     c = load_config("configs/pretrain_base_tiny.py", f"steps={steps}", **{
@@ -43,27 +44,27 @@ def snapshot(workdir):
 
 
 @pytest.fixture(scope="module")
-def done6(tmp_path_factory):
-    """A finished 6-step run (checkpoints 3 and 6) and an uninterrupted 9-step one."""
+def run9(tmp_path_factory):
+    """An uninterrupted 9-step run (checkpoints 3, 6 and 9)."""
     root = tmp_path_factory.mktemp("runs")
-    base_run(root / "six", steps=6)
     base_run(root / "nine", steps=9)
     return root
 
 
-def copy_run(src, dst):
-    import shutil
-    shutil.copytree(src, dst)
+def copy_run(root, dst):
+    """The 9-step run as if it had stopped after its step-6 checkpoint."""
+    shutil.copytree(root / "nine", dst)
+    shutil.rmtree(dst / "checkpoints" / "9")
     return dst
 
 
-def test_records_and_manifests_of_a_run(done6):
-    wd = done6 / "six"
+def test_records_and_manifests_of_a_run(run9):
+    wd = run9 / "nine"
     assert sorted(os.listdir(wd / "configs")) == ["start_000.json"]
     rec = json.loads((wd / "configs" / "start_000.json").read_text())
     assert rec["config"] == json.loads((wd / "config.json").read_text())
     assert len(rec["base_identity"]) == 32 and rec["resumed_from_checkpoint"] is False
-    for step in (3, 6):
+    for step in (3, 6, 9):
         step_dir = wd / "checkpoints" / str(step)
         assert ckpt_lib.check_step(str(step_dir)) is None
         files = json.loads((step_dir / "manifest.json").read_text())["files"]
@@ -81,23 +82,23 @@ def test_records_and_manifests_of_a_run(done6):
     ({"seed": 1, "learning_rate": 1e-3, "resume_overrides": "learning_rate"},
      "model fields cannot change: seed 0 -> 1"),
 ])
-def test_changed_config_is_refused_naming_every_field_and_records_stay(done6, tmp_path,
+def test_changed_config_is_refused_naming_every_field_and_records_stay(run9, tmp_path,
                                                                        change, message):
-    wd = copy_run(done6 / "six", tmp_path / "wd")
+    wd = copy_run(run9, tmp_path / "wd")
     before = snapshot(wd)
     with pytest.raises(UserError) as e:
-        base_run(wd, steps=9, **change)
+        base_run(wd, steps=12, **change)
     text = str(e.value)
     assert "\n" not in text and message in text and "checkpoint step 6" in text, text
     assert snapshot(wd) == before   # config.json and the start records untouched
     assert ckpt_lib.saved_steps(str(wd / "checkpoints")) == [3, 6]
 
 
-def test_override_is_accepted_and_said_and_extension_is_free(done6, tmp_path, capsys):
-    wd = copy_run(done6 / "six", tmp_path / "wd")
-    out = base_run(wd, steps=9, learning_rate=1e-3, resume_overrides="learning_rate",
+def test_override_is_accepted_and_said_and_extension_is_free(run9, tmp_path, capsys):
+    wd = copy_run(run9, tmp_path / "wd")
+    out = base_run(wd, steps=12, learning_rate=1e-3, resume_overrides="learning_rate",
                    log_every=2)
-    assert out["steps"] == 9
+    assert out["steps"] == 12
     printed = capsys.readouterr().out
     assert ("resume: overriding the recorded config (resume_overrides): learning_rate "
             "0.003 -> 0.001") in printed
@@ -107,7 +108,7 @@ def test_override_is_accepted_and_said_and_extension_is_free(done6, tmp_path, ca
     assert rec["config"]["learning_rate"] == 1e-3 and rec["resumed_from_checkpoint"] is True
     assert json.loads((wd / "config.json").read_text())["learning_rate"] == 1e-3
     with pytest.raises(UserError, match="resume_overrides: unknown field"):
-        base_run(wd, steps=12, resume_overrides="learning_rat")
+        base_run(wd, steps=15, resume_overrides="learning_rat")
 
 
 def damage(step_dir, how):
@@ -123,7 +124,6 @@ def damage(step_dir, how):
         big.write_bytes(big.read_bytes()[: big.stat().st_size // 2])
         return str(big.relative_to(step_dir))
     if how == "data":
-        import shutil
         shutil.rmtree(step_dir / "data")
         return "data/"
     if how == "metadata":
@@ -133,8 +133,8 @@ def damage(step_dir, how):
 
 
 @pytest.mark.parametrize("how", ["bytes", "truncate", "data", "metadata"])
-def test_damaged_newest_step_falls_back_to_the_previous_one(done6, tmp_path, capsys, how):
-    wd = copy_run(done6 / "six", tmp_path / "wd")
+def test_damaged_newest_step_falls_back_to_the_previous_one(run9, tmp_path, capsys, how):
+    wd = copy_run(run9, tmp_path / "wd")
     name = damage(wd / "checkpoints" / "6", how)
     out = base_run(wd, steps=9)
     printed = capsys.readouterr().out
@@ -144,11 +144,11 @@ def test_damaged_newest_step_falls_back_to_the_previous_one(done6, tmp_path, cap
     assert "at step 3" in printed
     assert (wd / "corrupt_checkpoints" / "6").is_dir()
     assert out["steps"] == 9
-    assert_same_params(wd, done6 / "nine")   # step 3's state and data order: bitwise equal
+    assert_same_params(wd, run9 / "nine")   # step 3's state and data order: bitwise equal
 
 
-def test_refuse_mode_and_nothing_intact_raise_storage_error(done6, tmp_path):
-    wd = copy_run(done6 / "six", tmp_path / "wd")
+def test_refuse_mode_and_nothing_intact_raise_storage_error(run9, tmp_path):
+    wd = copy_run(run9, tmp_path / "wd")
     damage(wd / "checkpoints" / "6", "bytes")
     with pytest.raises(StorageError, match=r"checkpoints/6: file state/.* changed"):
         base_run(wd, steps=9, on_corrupt_checkpoint="refuse")
@@ -159,9 +159,9 @@ def test_refuse_mode_and_nothing_intact_raise_storage_error(done6, tmp_path):
     assert "step 3: no data/" in str(e.value)
 
 
-def test_unverified_step_restores_with_a_note_and_tmp_dirs_are_removed(done6, tmp_path,
+def test_unverified_step_restores_with_a_note_and_tmp_dirs_are_removed(run9, tmp_path,
                                                                        capsys):
-    wd = copy_run(done6 / "six", tmp_path / "wd")
+    wd = copy_run(run9, tmp_path / "wd")
     (wd / "checkpoints" / "6" / "manifest.json").unlink()   # killed before the manifest
     tmp = wd / "checkpoints" / "9.orbax-checkpoint-tmp-1234"
     (tmp / "state").mkdir(parents=True)
@@ -170,4 +170,4 @@ def test_unverified_step_restores_with_a_note_and_tmp_dirs_are_removed(done6, tm
     assert f"checkpoint: removed an unfinished save {tmp}" in printed
     assert "checkpoint step 6 has no manifest" in printed and "at step 6" in printed
     assert not tmp.exists() and out["steps"] == 9
-    assert_same_params(wd, done6 / "nine")
+    assert_same_params(wd, run9 / "nine")
