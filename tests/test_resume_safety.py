@@ -12,6 +12,7 @@ import pytest
 
 from clara_jax.errors import StorageError, UserError
 from clara_jax.train import checkpoint as ckpt_lib
+from clara_jax.train import resume
 from clara_jax.train import train as train_lib
 from config_files import load_config
 
@@ -171,3 +172,67 @@ def test_unverified_step_restores_with_a_note_and_tmp_dirs_are_removed(run9, tmp
     assert "checkpoint step 6 has no manifest" in printed and "at step 6" in printed
     assert not tmp.exists() and out["steps"] == 9
     assert_same_params(wd, run9 / "nine")
+
+
+def recorded_clara_run(tmp_path, **fields):
+    """A work directory with a start record of a tiny pretrain run from `fields` and a
+    (stand-in) step-3 checkpoint directory: enough for the config check, nothing trained."""
+    c = load_config("configs/pretrain.py", **fields)
+    resume.record_start(c, str(tmp_path), "base-a", None)
+    (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+    return tmp_path
+
+
+@pytest.mark.parametrize("init_from,change,message", [
+    ("", {"lora_rank": 8}, "model fields cannot change: lora_rank 16 -> 8"),
+    ("", {"compress_rate": 8}, "model fields cannot change: compress_rate 4 -> 8"),
+    ("", {"different_mem_tokens": False, "lora_alpha": 8.0},
+     "model fields cannot change: different_mem_tokens true -> false, lora_alpha null -> 8.0"),
+    ("", {"end_to_end.query_reasoner_init": "encoder"},
+     "model fields cannot change: end_to_end.query_reasoner_init \"\" -> \"encoder\""),
+    # the seed of a run started from a saved model only orders data and draws dropout
+    ("INIT", {"seed": 1, "lora_dropout": 0.0, "data.train_files": "x.jsonl"},
+     "changed: data.train_files \"\" -> \"x.jsonl\", lora_dropout 0.1 -> 0.0, seed 0 -> 1 "
+     "(to accept, set --config.resume_overrides=data.train_files,lora_dropout,seed)"),
+])
+def test_clara_stage_fields_are_classified(tmp_path, init_from, change, message):
+    init = str(tmp_path) if init_from == "INIT" else ""
+    wd = recorded_clara_run(tmp_path / "wd", init_from=init)
+    c = load_config("configs/pretrain.py", init_from=init, **change)
+    with pytest.raises(UserError) as e:
+        resume.check_config(c, str(wd))
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    c.resume_overrides = ",".join(k for k in change)
+    if "model fields" in message:
+        with pytest.raises(UserError, match="model fields cannot change"):
+            resume.check_config(c, str(wd))
+    else:
+        assert resume.check_config(c, str(wd))["base_identity"] == "base-a"
+
+
+def test_free_fields_and_a_changed_base(tmp_path):
+    wd = recorded_clara_run(tmp_path / "wd")
+    c = load_config("configs/pretrain.py", total_steps=1000, log_every=1, eval_every=5,
+                    checkpoint_every=7, keep_checkpoints=5, on_nonfinite="skip",
+                    **{"mesh.data": 1, "mesh.fsdp": 8})
+    record = resume.check_config(c, str(wd))
+    before = snapshot(wd)
+    with pytest.raises(UserError, match="the frozen base differs .* base-a -> base-b"):
+        resume.record_start(c, str(wd), "base-b", record)
+    assert snapshot(wd) == before
+    resume.record_start(c, str(wd), "base-a", record)
+    assert sorted(os.listdir(wd / "configs")) == ["start_000.json", "start_001.json"]
+    assert snapshot(wd)["configs/start_000.json"] == before["configs/start_000.json"]
+
+
+def test_base_identity_tells_bases_apart():
+    from clara_jax.model.config import preset
+    from clara_jax.model.mistral import init_params
+    cfg = preset("tiny", vocab_size=400)
+    a = jax.device_get(init_params(cfg, jax.random.key(0)))
+    b = jax.device_get(init_params(cfg, jax.random.key(1)))
+    assert resume.base_identity(a) == resume.base_identity(jax.tree_util.tree_map(
+        np.copy, a))
+    assert resume.base_identity(a) != resume.base_identity(b)
+    assert resume.base_identity(a, 500, 0) != resume.base_identity(a, 500, 1)
+    assert resume.base_identity(a, 400, 0) == resume.base_identity(a, 400, 1)
