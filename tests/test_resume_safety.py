@@ -5,6 +5,7 @@ damaged newest step falls back to the previous intact one."""
 import json
 import os
 import shutil
+import time
 
 import jax
 import numpy as np
@@ -236,3 +237,26 @@ def test_base_identity_tells_bases_apart():
     assert resume.base_identity(a) != resume.base_identity(b)
     assert resume.base_identity(a, 500, 0) != resume.base_identity(a, 500, 1)
     assert resume.base_identity(a, 400, 0) == resume.base_identity(a, 400, 1)
+
+
+def test_manifest_is_written_as_soon_as_an_async_save_finishes(tmp_path):
+    """Without wait / close: a kill between saves finds the last step verified."""
+    import jax.numpy as jnp
+    from clara_jax.train.step import TrainState
+    state = TrainState(step=jnp.array(3), base={}, trainable={"w": jnp.arange(1000.0)},
+                       frozen={}, opt_state={"m": jnp.ones(1000)}, rng=jax.random.key(0))
+    ck = ckpt_lib.Checkpointer(str(tmp_path), keep=2)
+    try:
+        ck.save(3, state, {"pos": 7}, force=True)
+        manifest = tmp_path / "checkpoints" / "3" / "manifest.json"
+        for _ in range(500):
+            if manifest.exists():
+                break
+            time.sleep(0.01)
+        assert manifest.exists()
+        assert ckpt_lib.check_step(str(tmp_path / "checkpoints" / "3")) is None
+        restored, data = ck.restore(state)
+        assert data == {"pos": 7} and int(restored.step) == 3
+        np.testing.assert_array_equal(restored.trainable["w"], state.trainable["w"])
+    finally:
+        ck.close()

@@ -173,7 +173,7 @@ class Checkpointer:
         if data_state is not None:
             args["data"] = ocp.args.JsonSave(data_state)
         saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
-        if saved:
+        if saved and jax.process_index() == 0:
             self._watcher = threading.Thread(target=self._watch, daemon=True)
             self._watcher.start()
         return saved
