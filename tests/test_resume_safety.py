@@ -142,7 +142,7 @@ def test_damaged_newest_step_falls_back_to_the_previous_one(run9, tmp_path, caps
     printed = capsys.readouterr().out
     line = next(l for l in printed.splitlines() if "checkpoint step 6 is not intact" in l)
     assert (name.rstrip("/") in line) or ("data/" in line and how == "data"), line
-    assert "falling back to the previous step" in line
+    assert "falling back to the previous step (resuming from step 3)" in line
     assert "at step 3" in printed
     assert (wd / "corrupt_checkpoints" / "6").is_dir()
     assert out["steps"] == 9
@@ -159,6 +159,8 @@ def test_refuse_mode_and_nothing_intact_raise_storage_error(run9, tmp_path):
         base_run(wd, steps=9)
     assert "no intact checkpoint" in str(e.value) and "step 6: file" in str(e.value)
     assert "step 3: no data/" in str(e.value)
+    assert ckpt_lib.saved_steps(str(wd / "checkpoints")) == [3, 6]   # nothing moved: a
+    assert not (wd / "corrupt_checkpoints").exists()                  # rerun refuses again
 
 
 def test_unverified_step_restores_with_a_note_and_tmp_dirs_are_removed(run9, tmp_path,

@@ -10,9 +10,10 @@ Integrity: once a save has finished, `{step}/manifest.json` lists the size and s
 file of the step (state and `data/`, the iterator state); a background thread writes it as
 soon as Orbax finalizes the step, and `wait` / `save` / `close` write any still missing.
 `restore` checks the newest step against its manifest (a missing, extra, resized or changed
-file, a missing `data/`): a step that fails is named in one line and moved to
-`{workdir}/corrupt_checkpoints/{step}`, and the previous step is tried (`on_corrupt="refuse"`:
-raise `StorageError` instead); no intact step raises `StorageError`. A step without a manifest
+file, a missing `data/`); a step that fails is skipped for the previous one
+(`on_corrupt="refuse"`: raise `StorageError` instead) and, once an intact step is restored,
+named in one line and moved to `{workdir}/corrupt_checkpoints/{step}`; no intact step raises
+`StorageError` naming each step's fault and moves nothing. A step without a manifest
 (the process died between Orbax's rename and the manifest, milliseconds) is "unverified": it
 is restored with Orbax's own checks (truncated files, missing metadata) and a one-line note, so
 a SIGKILL right after a save does not lose that save; any error restoring it falls back.
@@ -195,37 +196,34 @@ class Checkpointer:
                                  rng=jax.random.wrap_key_data(saved["rng"]))
         return state, restored["data"]
 
-    def _set_aside(self, step: int, problem: str, newer_problems: list[str]) -> None:
-        """A step that is not intact: refuse, or move it out of the way and say so."""
-        where = os.path.join(self.directory, str(step))
-        if self.on_corrupt == "refuse":
-            raise StorageError(f"checkpoint {where}: {problem} (on_corrupt_checkpoint=refuse; "
-                               f"set it to 'fallback' to resume from the previous step)")
-        newer_problems.append(f"step {step}: {problem}")
+    def _set_aside(self, broken: list[tuple[int, str]], resumed: int) -> None:
+        """Moves the steps newer than `resumed` that are not intact to
+        `{workdir}/corrupt_checkpoints/{step}` (so the run can save those steps again),
+        one line each."""
         if jax.process_index() == 0:
-            aside = os.path.join(self.workdir, "corrupt_checkpoints", str(step))
-            os.makedirs(os.path.dirname(aside), exist_ok=True)
-            shutil.rmtree(aside, ignore_errors=True)
-            os.replace(where, aside)
-            print(f"checkpoint step {step} is not intact: {problem}; moved to {aside}, "
-                  f"falling back to the previous step")
+            for step, problem in broken:
+                aside = os.path.join(self.workdir, "corrupt_checkpoints", str(step))
+                os.makedirs(os.path.dirname(aside), exist_ok=True)
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(os.path.join(self.directory, str(step)), aside)
+                print(f"checkpoint step {step} is not intact: {problem}; moved to {aside}, "
+                      f"falling back to the previous step (resuming from step {resumed})")
         self.manager.reload()
 
     def restore(self, template: TrainState, mesh: Mesh | None = None
                 ) -> tuple[TrainState, Any | None]:
         """The newest intact step restored onto the shapes and shardings of `template` (so
         onto any mesh; leaves of the template on one device, e.g. step, rng, optimizer
-        counts, are restored replicated over `mesh`), and its data iterator state. Steps
-        that fail their manifest are set aside (module docstring); none intact:
-        StorageError (FileNotFoundError when there is no checkpoint at all)."""
+        counts, are restored replicated over `mesh`), and its data iterator state. Newer
+        steps failing their manifest are set aside (module docstring); with
+        on_corrupt="refuse" the first one raises StorageError, and so does having no intact
+        step (nothing is moved then). FileNotFoundError when there is no checkpoint."""
         steps = saved_steps(self.directory)
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        problems: list[str] = []
+        broken: list[tuple[int, str]] = []
         for step in reversed(steps):
             problem = check_step(os.path.join(self.directory, str(step)))
-            if problem is None:
-                return self._restore_step(step, template, mesh)
             if problem == "no manifest":
                 try:
                     restored = self._restore_step(step, template, mesh)
@@ -235,9 +233,21 @@ class Checkpointer:
                 else:
                     print(f"checkpoint step {step} has no manifest (the run stopped before "
                           f"writing it): unverified, restored with Orbax's checks only")
+                    self._set_aside(broken, step)
                     return restored
-            self._set_aside(step, problem, problems)
-        raise StorageError(f"no intact checkpoint in {self.directory}: " + "; ".join(problems))
+            elif problem is None:
+                restored = self._restore_step(step, template, mesh)
+                if broken:
+                    self._set_aside(broken, step)
+                return restored
+            if self.on_corrupt == "refuse":
+                raise StorageError(
+                    f"checkpoint {os.path.join(self.directory, str(step))}: {problem} "
+                    f"(on_corrupt_checkpoint=refuse; set it to 'fallback' to resume from the "
+                    f"previous intact step)")
+            broken.append((step, problem))
+        raise StorageError(f"no intact checkpoint in {self.directory}: "
+                           + "; ".join(f"step {s}: {p}" for s, p in broken))
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
