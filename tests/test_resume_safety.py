@@ -174,6 +174,8 @@ def test_unverified_step_restores_with_a_note_and_tmp_dirs_are_removed(run9, tmp
     assert f"checkpoint: removed an unfinished save {tmp}" in printed
     assert "checkpoint step 6 has no manifest" in printed and "at step 6" in printed
     assert not tmp.exists() and out["steps"] == 9
+    assert not (wd / "checkpoints" / "6" / "manifest.json").exists()   # not vouched for later
+    assert ckpt_lib.check_step(str(wd / "checkpoints" / "9")) is None
     assert_same_params(wd, run9 / "nine")
 
 

@@ -8,7 +8,7 @@ when the save is complete). The frozen base is not saved again: it comes from th
 
 Integrity: once a save has finished, `{step}/manifest.json` lists the size and sha256 of every
 file of the step (state and `data/`, the iterator state); a background thread writes it as
-soon as Orbax finalizes the step, and `wait` / `save` / `close` write any still missing.
+soon as Orbax has finished the save, and `wait` / `save` / `close` write any still missing.
 `restore` checks the newest step against its manifest (a missing, extra, resized or changed
 file, a missing `data/`); a step that fails is skipped for the previous one
 (`on_corrupt="refuse"`: raise `StorageError` instead) and, once an intact step is restored,
@@ -34,7 +34,7 @@ import jax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from clara_jax.errors import StorageError
+from clara_jax.errors import StorageError, UserError
 from clara_jax.train.step import TrainState
 
 MANIFEST = "manifest.json"
@@ -97,7 +97,6 @@ def check_step(step_dir: str) -> str | None:
             want = json.load(f)["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable {MANIFEST} ({e})"
-    have = {}
     for rel in want:
         if not os.path.isfile(os.path.join(step_dir, rel)):
             return f"missing file {rel}"
@@ -131,7 +130,7 @@ class Checkpointer:
     def __init__(self, workdir: str, keep: int = 2, async_save: bool = True,
                  on_corrupt: str = "fallback"):
         if on_corrupt not in ON_CORRUPT:
-            raise ValueError(f"config.on_corrupt_checkpoint: must be one of {ON_CORRUPT}, "
+            raise UserError(f"config.on_corrupt_checkpoint: must be one of {ON_CORRUPT}, "
                              f"got {on_corrupt!r}")
         self.workdir = os.path.abspath(workdir)
         self.directory = os.path.join(self.workdir, "checkpoints")
@@ -144,38 +143,46 @@ class Checkpointer:
                                                  enable_async_checkpointing=async_save))
         self._lock = threading.Lock()
         self._watcher: threading.Thread | None = None
+        self._pending: set[int] = set()   # saved here, manifest not yet written
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def _write_missing_manifests(self) -> None:
-        """A manifest for every finalized step lacking one (call only with no save running)."""
+    def _write_manifests(self, up_to: int | None = None) -> None:
+        """The manifests of the steps this checkpointer saved (up to step `up_to`) whose save
+        has finished. Only the steps it saved: a step found without one (written by a run
+        that died) stays unverified rather than being vouched for."""
         if jax.process_index() != 0:
             return
         with self._lock:
-            for step in saved_steps(self.directory):
-                step_dir = os.path.join(self.directory, str(step))
-                if not os.path.exists(os.path.join(step_dir, MANIFEST)):
+            finished = set(saved_steps(self.directory))
+            for step in sorted(self._pending):
+                if up_to is not None and step > up_to:
+                    continue
+                self._pending.discard(step)
+                if step in finished:
                     try:
-                        write_manifest(step_dir)
-                    except FileNotFoundError:   # deleted (max_to_keep) while hashing
+                        write_manifest(os.path.join(self.directory, str(step)))
+                    except FileNotFoundError:   # deleted (max_to_keep) meanwhile
                         pass
 
-    def _watch(self) -> None:
+    def _watch(self, step: int) -> None:
         while self.manager.is_saving_in_progress():
             time.sleep(0.01)
-        self._write_missing_manifests()
+        self._write_manifests(up_to=step)
 
     def save(self, step: int, state: TrainState, data_state: Any | None, force: bool = False
              ) -> bool:
         self.manager.wait_until_finished()   # Orbax would wait here anyway
-        self._write_missing_manifests()
+        self._write_manifests()
         args = {"state": ocp.args.StandardSave(_saved_part(state))}
         if data_state is not None:
             args["data"] = ocp.args.JsonSave(data_state)
         saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
         if saved and jax.process_index() == 0:
-            self._watcher = threading.Thread(target=self._watch, daemon=True)
+            with self._lock:
+                self._pending.add(step)
+            self._watcher = threading.Thread(target=self._watch, args=(step,), daemon=True)
             self._watcher.start()
         return saved
 
@@ -251,9 +258,9 @@ class Checkpointer:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
-        self._write_missing_manifests()
+        self._write_manifests()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
-        self._write_missing_manifests()
+        self._write_manifests()
         self.manager.close()
