@@ -193,6 +193,7 @@ def recorded_clara_run(tmp_path, **fields):
     ("", {"compress_rate": 8}, "model fields cannot change: compress_rate 4 -> 8"),
     ("", {"different_mem_tokens": False, "lora_alpha": 8.0},
      "model fields cannot change: different_mem_tokens true -> false, lora_alpha null -> 8.0"),
+    ("", {"grad_accum": 2}, "model fields cannot change: grad_accum 1 -> 2"),
     ("", {"end_to_end.query_reasoner_init": "encoder"},
      "model fields cannot change: end_to_end.query_reasoner_init \"\" -> \"encoder\""),
     # the seed of a run started from a saved model only orders data and draws dropout

@@ -7,7 +7,8 @@ passed, so a refused start leaves the record of the run untouched.
 
 On resume (a checkpoint exists) the new config is compared with the last start's:
   - MODEL_FIELDS (the model, its frozen base, its vocabulary or its trained parameters'
-    shapes; `seed` too when it builds a random base) and the base identity: never changed;
+    shapes; `seed` too when it builds a random base; `grad_accum` between 1 and more, which
+    changes the saved optimizer state's structure) and the base identity: never changed;
   - FREE_FIELDS (how long, how often to log / eval / save, execution settings, the mesh:
     checkpoints restore onto any mesh): always free;
   - every other field changes optimisation or data: refused unless named in
@@ -128,6 +129,8 @@ def check_config(c: ml_collections.ConfigDict, workdir: str) -> dict | None:
         kind = field_kind(name, new)
         if field_kind(name, old) == "model":   # seed that built the recorded base
             kind = "model"
+        if name == "grad_accum" and (a == ABSENT or b == ABSENT or (a > 1) != (b > 1)):
+            kind = "model"   # accumulation (optax.MultiSteps) changes the saved opt_state
         change = f"{name} {_fmt(a)} -> {_fmt(b)}"
         if kind == "model":
             refused_model.append(change)
