@@ -188,8 +188,10 @@ def record_start(c: ml_collections.ConfigDict, workdir: str, base_id: str,
                         f"{base_id}; init_from {c.get('init_from')!r}): start a new work "
                         f"directory")
     d = os.path.join(workdir, "configs")
-    os.makedirs(d, exist_ok=True)
     n = len(start_records(workdir))
+    if jax.process_index() != 0:   # one writer (a shared file system on multi-host runs)
+        return os.path.join(d, f"start_{n:03d}.json")
+    os.makedirs(d, exist_ok=True)
     path = os.path.join(d, f"start_{n:03d}.json")
     while os.path.exists(path):
         n += 1
