@@ -46,6 +46,12 @@ def base_config(stage: str, model: str) -> ml_collections.ConfigDict:
     c.eval_batches = 4
     c.checkpoint_every = 100 if tiny else 1000
     c.keep_checkpoints = 2
+    # Resuming (docs/training.md, "Resuming safely"): optimisation / data fields allowed to
+    # differ from the recorded run (comma-separated names, e.g. "learning_rate,batch_size"),
+    # and what a checkpoint failing its checksum manifest does: "fallback" to the previous
+    # intact step, or "refuse".
+    c.resume_overrides = ""
+    c.on_corrupt_checkpoint = "fallback"
     c.peak_flops = 0.0         # peak FLOP/s per device (e.g. 197e12 v5e bf16); > 0 adds `mfu`
     c.compiled_step = ""       # a train step serialised by `python -m clara_jax.aot --serialize`
 

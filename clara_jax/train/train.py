@@ -30,7 +30,8 @@ from clara_jax.clara.tokenizer import ClaraTokenizer
 from clara_jax.data import pipeline
 from clara_jax.train import base_lm, candidate_cache, compiled_step, inputs
 from clara_jax.train import step as step_lib
-from clara_jax.train.checkpoint import Checkpointer
+from clara_jax.train import resume
+from clara_jax.train.checkpoint import Checkpointer, saved_steps
 from clara_jax.train.metrics import Meter, MetricsLog
 from clara_jax.train.setup import Run, build_run, model_flops, validate_config
 from clara_jax.train.start import load_start, run_tokenizer
@@ -41,7 +42,7 @@ __all__ = ["train", "evaluate_loss", "export_model"]
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) a training run; returns the final summary (also in summary.json)."""
     validate_config(c)
-    write_config(c, workdir)
+    record = resume.check_config(c, workdir)   # refuses a changed run before anything is built
     mesh = parallel.mesh_from_config(c.mesh)
     files = inputs.data_files(c, workdir)
     start = load_start(c, workdir, lambda: inputs.text_lines(c, files))
@@ -50,9 +51,12 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
             else inputs.stage_data(c, files, tok, workdir))
     run = build_run(c, mesh, start["model_cfg"], tok.base_vocab_size, start["params"],
                     start["adapters"], k_instruct=data.k_instruct)
+    write_config(c, workdir, resume.base_identity(start["params"], run.model_cfg.vocab_size,
+                                                  c.seed), record)
     for note in run.setup.sharding_notes:
         print(f"sharding: {note}")
-    ckpt = Checkpointer(workdir, keep=c.keep_checkpoints)
+    ckpt = Checkpointer(workdir, keep=c.keep_checkpoints,
+                        on_corrupt=c.get("on_corrupt_checkpoint", "fallback"))
     data_it = pipeline.make_iterator(data.train, worker_count=c.data.worker_count)
     state = restore(ckpt, run, data_it)
     train_step, state = jitted_train_step(c, run, state)
@@ -63,17 +67,21 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     return finish(c, workdir, run, state, last, start["tokenizer_path"])
 
 
-def write_config(c: ml_collections.ConfigDict, workdir: str) -> None:
-    """`{workdir}/config.json`: the run's full config."""
+def write_config(c: ml_collections.ConfigDict, workdir: str, base_id: str,
+                 record: dict | None) -> None:
+    """`{workdir}/config.json` (the current config) and `{workdir}/configs/start_NNN.json`
+    (this start's config and frozen-base identity, never overwritten), after checking the
+    base identity against the recorded one (`record`: `resume.check_config`'s, None for a
+    fresh run). Written only once the resume checks passed."""
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(c.to_json(indent=2))
+    resume.record_start(c, workdir, base_id, record)
 
 
 def restore(ckpt: Checkpointer, run: Run, data_it) -> step_lib.TrainState:
-    """The latest checkpoint's state (and data iterator position) if any, else the run's
-    fresh state."""
-    if ckpt.latest_step() is None:
+    """The newest intact checkpoint's state (and data iterator position) if any (a step
+    failing its checksum manifest is named and skipped: `Checkpointer.restore`), else the
+    run's fresh state."""
+    if not saved_steps(ckpt.directory):
         return run.state
     state, data_state = ckpt.restore(run.state, run.mesh)
     if data_state is not None:
