@@ -99,3 +99,36 @@ def run_command(main: Callable[[], object], name: str, verbose: bool = False) ->
             traceback.print_exc()
         print(f"{name}: {one_line(e)}", file=sys.stderr, flush=True)
         return exit_status(e)
+
+
+def flags_parser(name: str) -> Callable[[list[str]], list[str]]:
+    """An absl `app.run(main, flags_parser=...)` parser that ends a bad command line (an
+    unknown flag, an unknown or ill-typed `--config.field`, which ml_collections raises while
+    the flags are parsed) with one line `name: <message>` and exit status 2 (the traceback
+    too with `--verbose` on the command line). `--help` is left to absl."""
+    from absl import flags   # absl only where a command line is parsed
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except Exception as e:   # noqa: BLE001 - every bad command line ends in one line
+            verbose = any(a in ("--verbose", "--verbose=true", "--verbose=1") for a in argv)
+            if verbose:
+                traceback.print_exc()
+            print(f"{name}: {_flag_error(e, argv)}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER)
+
+    return parse
+
+
+def _flag_error(exc: BaseException, argv: list[str]) -> str:
+    """One line for a command line that failed to parse: an unknown config field (which
+    ml_collections raises as a KeyError / AttributeError of the bare name) names its flag."""
+    if isinstance(exc, (KeyError, AttributeError)):
+        key = str(exc).strip("'\"")
+        flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
+                     and key in a.split("=")[0].split(".")), None)
+        if flag:
+            return f"unknown config field {flag[2:]!r} ({flag}); see the config file's fields"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if type(exc).__module__.startswith("absl") else one_line(exc)
