@@ -129,6 +129,6 @@ def _flag_error(exc: BaseException, argv: list[str]) -> str:
         flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
                      and key in a.split("=")[0].split(".")), None)
         if flag:
-            return f"unknown config field {flag[2:]!r} ({flag}); see the config file's fields"
+            return f"unknown config field {flag[2:]!r} ({flag})"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return text if type(exc).__module__.startswith("absl") else one_line(exc)
