@@ -166,8 +166,10 @@ def test_dead_gradient_run_exits_4_with_one_line_and_no_model(tmp_path):
     assert "grad norm exactly 0" in json.load(open(wd / "summary.json"))["diverged"]
 
 
+@pytest.mark.slow   # ~2.5 min on one core: three compiles of the tiny run
 def test_sigterm_exits_75_and_the_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    args = [a.replace("steps=12", "steps=40") for a in CLI_ARGS] + ["--config.checkpoint_every=100"]
+    args = ([a.replace("steps=12", "steps=40") for a in CLI_ARGS]
+            + ["--config.checkpoint_every=100"])
     wd = tmp_path / "b"
     proc = cli(f"--workdir={wd}", *args)
     metrics = wd / "metrics.jsonl"
