@@ -30,8 +30,8 @@ flags.DEFINE_integer("limit", None, "Evaluate only the first N records.")
 flags.DEFINE_integer("batch_size", 16, "Records per generation batch.")
 flags.DEFINE_integer("max_new_tokens", 32, "Greedy tokens per answer.")
 flags.DEFINE_string("adapter", "decoder", "Generator adapter; `none` = the base model alone.")
-flags.DEFINE_bool("verbose", False, "On failure print the traceback; show the libraries' INFO "
-                  "logs.")
+flags.DEFINE_bool("verbose", False, "On failure print the traceback; show the libraries' logs "
+                  "(absl).")
 
 
 def run(checkpoint: str, data: str, *, setting: str = "normal", mode: str = "compressed",
@@ -76,7 +76,8 @@ def run(checkpoint: str, data: str, *, setting: str = "normal", mode: str = "com
 
 def main(argv) -> int:
     del argv
-    logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)
+    # absl logs (Orbax's among them): all with --verbose, else none (failures end in one line)
+    logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.FATAL)
     return errors.run_command(evaluate_from_flags, "evaluate", FLAGS.verbose)
 
 

@@ -220,3 +220,20 @@ def test_command_line_failures_are_one_line_with_their_status(tmp_path):
         rc, err = cli_result(f"--workdir={locked}", *CLI_ARGS)
         assert rc == errors.EXIT_STORAGE and len(err) == 1, err
         assert err[0].startswith("train: Permission denied: ") and str(locked) in err[0], err
+
+
+@pytest.mark.slow   # needs root (a small tmpfs); ~50 s
+def test_a_full_disk_is_one_line_naming_the_file_exit_3(tmp_path):
+    """A checkpoint save that fills the disk: Orbax's background threads used to print
+    ~1,500 lines of tracebacks ending in `ImportError: sys.meta_path is None`."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3M", "tmpfs",
+                                            str(disk)], capture_output=True).returncode:
+        pytest.skip("needs root to mount a 3 MB tmpfs")
+    try:
+        rc, err = cli_result(f"--workdir={disk}/wd", *CLI_ARGS)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    assert rc == errors.EXIT_STORAGE, err
+    assert len(err) == 1 and err[0].startswith(f"train: No space left on device: {disk}/wd/"), err

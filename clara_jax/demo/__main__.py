@@ -29,14 +29,15 @@ flags.DEFINE_integer("train_rate", 0, "Internal: train only this rate's stages 1
 flags.DEFINE_string("resolved_config", "", "Internal: the demo config as JSON (with "
                     "--train_rate).")
 flags.DEFINE_bool("verbose", False, "On failure print the traceback; show the libraries' "
-                  "INFO logs (absl, Orbax).")
+                  "logs (absl, Orbax).")
 flags.DEFINE_string("cpus", "", "Internal: CPUs to pin the --train_rate process to (0,1,...).")
 FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> int:
     del argv
-    logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)
+    # absl logs (Orbax's among them): all with --verbose, else none (failures end in one line)
+    logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.FATAL)
     return errors.run_command(demo, "demo", FLAGS.verbose)
 
 

@@ -3,7 +3,7 @@
 
 Ends with one line on stderr and an exit status naming the kind of failure (0 done, 2 bad
 config or data, 3 storage, 4 diverged, 75 preempted: rerun to resume; `clara_jax.errors`);
-`--verbose` adds the traceback and the libraries' INFO logs."""
+`--verbose` adds the traceback and the libraries' logs (absl, Orbax)."""
 
 import sys
 
@@ -20,7 +20,7 @@ flags.DEFINE_string("workdir", None, "Work directory: checkpoints, TensorBoard, 
 flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() first (TPU pods, "
                   "Slurm): every host runs this command; each feeds its shard of the batch.")
 flags.DEFINE_bool("verbose", False, "On failure print the traceback; show the libraries' "
-                  "INFO logs (absl, Orbax).")
+                  "logs (absl, Orbax).")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -34,7 +34,8 @@ def run() -> None:
 
 def main(argv) -> int:
     del argv
-    logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.WARNING)
+    # absl logs (Orbax's among them): all with --verbose, else none (failures end in one line)
+    logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.FATAL)
     return errors.run_command(run, "train", FLAGS.verbose)
 
 
