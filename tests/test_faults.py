@@ -55,8 +55,8 @@ def base_config(steps=12, **overrides) -> ml_collections.ConfigDict:
 
 # -- the checks themselves (no training) ---------------------------------------------------
 
-def guard(**overrides):
-    c = load_config("configs/pretrain.py")
+def guard(config="configs/pretrain.py", **overrides):
+    c = load_config(config)
     c.total_steps, c.warmup_ratio = 100, 0.1
     c.update_from_flattened_dict(overrides)
     return divergence.Guard(c, vocab_size=400, first_step=0)
@@ -83,6 +83,21 @@ def test_loss_at_chance_trips_only_after_warmup_and_when_stuck():
     with pytest.raises(errors.DivergenceError, match=r"step 20: loss 5.99\d+ within 0.001 of "
                                                      r"ln\(vocabulary\) = 5.991465"):
         g.row(20, {"grad_norm": 1.0, "ce_loss": chance, "loss": 9.0})
+
+
+def test_the_chance_check_reads_the_next_token_loss():
+    """The CLaRa stages' ce_loss (their loss adds the MSE term), the base LM's loss; a
+    stage without a next-token loss (retrieval pretraining) is never at chance."""
+    chance = math.log(400)
+    for config, row in (("configs/pretrain_base_tiny.py", {"loss": chance}),
+                        ("configs/pretrain.py", {"ce_loss": chance, "loss": 9.0})):
+        g = guard(config, **{"divergence.chance_rows": 1})
+        g.row(11, {"grad_norm": 1.0, **row})   # the first chance_rows rows never count
+        with pytest.raises(errors.DivergenceError, match="ln\\(vocabulary\\)"):
+            g.row(12, {"grad_norm": 1.0, **row})
+    g = guard("configs/retrieval_pretrain.py", **{"divergence.chance_rows": 1})
+    for step in range(11, 20):
+        g.row(step, {"grad_norm": 1.0, "loss": chance})
 
 
 def test_parameters_must_be_finite_and_bounded():
@@ -237,3 +252,17 @@ def test_a_full_disk_is_one_line_naming_the_file_exit_3(tmp_path):
         subprocess.run(["umount", str(disk)], check=True)
     assert rc == errors.EXIT_STORAGE, err
     assert len(err) == 1 and err[0].startswith(f"train: No space left on device: {disk}/wd/"), err
+
+
+def test_failed_writes_are_storage_errors_naming_the_file_and_out_of_memory_is_not():
+    full = ValueError('RESOURCE_EXHAUSTED: Error writing "x" in OCDBT database at local file '
+                      '"/ck/3.tmp/": Failed writing: "/ck/3.tmp/d/abc": Failed to write 5570560 '
+                      "bytes to file 17: No space left on device [os_error_code='28']")
+    assert errors.exit_status(full) == errors.EXIT_STORAGE
+    assert errors.one_line(full) == "No space left on device: /ck/3.tmp/d/abc"
+    oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2GiB")
+    assert errors.exit_status(oom) == 1
+    assert errors.one_line(oom).startswith("RuntimeError: RESOURCE_EXHAUSTED: Out of memory")
+    disk = OSError(28, "No space left on device", "/wd/config.json")
+    assert errors.exit_status(disk) == errors.EXIT_STORAGE
+    assert errors.one_line(disk) == "No space left on device: /wd/config.json"

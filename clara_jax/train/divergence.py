@@ -56,6 +56,7 @@ class Guard:
         self.max_abs_param = float(d["max_abs_param"])
         self.max_skipped_fraction = float(c.get("max_skipped_fraction", 0.1))
         self.chance_loss = math.log(vocab_size)
+        self.base_lm = c.stage == "base_lm"
         self.warmup_steps = int(c.warmup_ratio * c.total_steps)
         self.first_step = self.step = first_step
         self.skipped = 0
@@ -74,7 +75,10 @@ class Guard:
             raise DivergenceError(
                 f"diverged at step {step}: grad norm exactly 0 at {self.zero_run} log rows in a "
                 f"row (divergence.zero_grad_rows={self.zero_grad_rows}); nothing trains any more")
-        loss = float(metrics.get("ce_loss", metrics.get("loss", math.nan)))
+        # The next-token loss: ce_loss of the CLaRa stages, loss of the base LM (retrieval
+        # pretraining has none, so its rows never count).
+        loss = float(metrics.get("ce_loss", metrics.get("loss", math.nan) if self.base_lm
+                                 else math.nan))
         at_chance = (abs(loss - self.chance_loss) < self.chance_tolerance
                      and step > self.warmup_steps and self.rows > self.chance_rows)
         self.chance_run = self.chance_run + 1 if at_chance else 0
