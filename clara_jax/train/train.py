@@ -30,10 +30,10 @@ import ml_collections
 import numpy as np
 
 from clara_jax import parallel
-from clara_jax.errors import DivergenceError, Preempted
 from clara_jax.clara.model import Clara
 from clara_jax.clara.tokenizer import ClaraTokenizer
 from clara_jax.data import pipeline
+from clara_jax.errors import DivergenceError, Preempted
 from clara_jax.train import base_lm, candidate_cache, compiled_step, divergence, inputs
 from clara_jax.train import step as step_lib
 from clara_jax.train.checkpoint import Checkpointer
