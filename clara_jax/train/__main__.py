@@ -5,7 +5,6 @@ Ends with one line on stderr and an exit status naming the kind of failure (0 do
 config or data, 3 storage, 4 diverged, 75 preempted: rerun to resume; `clara_jax.errors`);
 `--verbose` adds the traceback and the libraries' logs (absl, Orbax)."""
 
-
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
