@@ -18,7 +18,9 @@ Library modules raise these exceptions; only command-line entry points call `run
 from __future__ import annotations
 
 import errno
+import re
 import sys
+import threading
 import traceback
 from typing import Callable
 
@@ -57,12 +59,26 @@ def exit_status(exc: BaseException) -> int:
         return EXIT_USER
     if isinstance(exc, OSError):
         return EXIT_STORAGE
+    if _storage_message(str(exc)):   # tensorstore / XLA write failures (any type)
+        return EXIT_STORAGE
     if type(exc).__name__ in ("UsageError", "ConfigError") or isinstance(
             exc, (ValueError, KeyError, TypeError, AttributeError)):
         return EXIT_USER
-    if type(exc).__name__ == "XlaRuntimeError" and "RESOURCE_EXHAUSTED" in str(exc):
-        return EXIT_STORAGE
     return 1
+
+
+def _storage_message(text: str) -> str:
+    """For a failed write reported as text (tensorstore / Orbax / XLA `RESOURCE_EXHAUSTED`,
+    `Failed writing`): `<the system's cause>: <the file>`; "" for any other text."""
+    if "RESOURCE_EXHAUSTED" not in text and "Failed writing" not in text:
+        return ""
+    path = re.search(r'Failed writing: "([^"]+)"', text) or re.search(r'file "([^"]+)"', text)
+    cause = re.search(r"(No space left on device|Disk quota exceeded|Permission denied|"
+                      r"Read-only file system)", text)
+    if not (path or cause) and "RESOURCE_EXHAUSTED" in text and "writ" not in text.lower():
+        return ""   # out of device memory: not storage
+    where = f": {path.group(1)}" if path else ""
+    return (cause.group(1) if cause else "write failed") + where
 
 
 def one_line(exc: BaseException) -> str:
@@ -75,6 +91,8 @@ def one_line(exc: BaseException) -> str:
         path = root.filename or ""
         cause = root.strerror or errno.errorcode.get(root.errno, str(root.errno))
         text = f"{cause}: {path}" if path else cause
+    elif _storage_message(str(root)):
+        text = _storage_message(str(root))
     else:
         text = str(root) or type(root).__name__
     if isinstance(root, KeyError) and text.startswith(("'", '"')):
@@ -86,9 +104,16 @@ def one_line(exc: BaseException) -> str:
 def run_command(main: Callable[[], object], name: str, verbose: bool = False) -> int:
     """Runs a command's `main()` and returns its exit status: 0, or the status of the
     exception it raised after printing `name: <one line>` on stderr (and the traceback with
-    `verbose`). KeyboardInterrupt is re-raised."""
+    `verbose`). KeyboardInterrupt is re-raised. Without `verbose` the tracebacks that library
+    threads and callbacks print on their own (an Orbax save failing on a full disk prints
+    hundreds of lines) are dropped until the command succeeds."""
+    hooks = sys.excepthook, sys.unraisablehook, threading.excepthook
+    if not verbose:   # library threads' and callbacks' tracebacks: the one line says it
+        sys.excepthook = sys.unraisablehook = lambda *a: None
+        threading.excepthook = lambda args: None
     try:
         main()
+        sys.excepthook, sys.unraisablehook, threading.excepthook = hooks
         return EXIT_OK
     except KeyboardInterrupt:
         raise
@@ -99,3 +124,36 @@ def run_command(main: Callable[[], object], name: str, verbose: bool = False) ->
             traceback.print_exc()
         print(f"{name}: {one_line(e)}", file=sys.stderr, flush=True)
         return exit_status(e)
+
+
+def flags_parser(name: str) -> Callable[[list[str]], list[str]]:
+    """An absl `app.run(main, flags_parser=...)` parser that ends a bad command line (an
+    unknown flag, an unknown or ill-typed `--config.field`, which ml_collections raises while
+    the flags are parsed) with one line `name: <message>` and exit status 2 (the traceback
+    too with `--verbose` on the command line). `--help` is left to absl."""
+    from absl import flags   # absl only where a command line is parsed
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except Exception as e:   # noqa: BLE001 - every bad command line ends in one line
+            verbose = any(a in ("--verbose", "--verbose=true", "--verbose=1") for a in argv)
+            if verbose:
+                traceback.print_exc()
+            print(f"{name}: {_flag_error(e, argv)}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER)
+
+    return parse
+
+
+def _flag_error(exc: BaseException, argv: list[str]) -> str:
+    """One line for a command line that failed to parse: an unknown config field (which
+    ml_collections raises as a KeyError / AttributeError of the bare name) names its flag."""
+    if isinstance(exc, (KeyError, AttributeError)):
+        key = str(exc).strip("'\"")
+        flag = next((a.split("=")[0] for a in argv if a.startswith("--config.")
+                     and key in a.split("=")[0].split(".")), None)
+        if flag:
+            return f"unknown config field {flag[2:]!r} ({flag})"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text if type(exc).__module__.startswith("absl") else one_line(exc)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
+
+from clara_jax import errors
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "Saved Clara directory or training work directory.")
@@ -28,6 +30,8 @@ flags.DEFINE_integer("limit", None, "Evaluate only the first N records.")
 flags.DEFINE_integer("batch_size", 16, "Records per generation batch.")
 flags.DEFINE_integer("max_new_tokens", 32, "Greedy tokens per answer.")
 flags.DEFINE_string("adapter", "decoder", "Generator adapter; `none` = the base model alone.")
+flags.DEFINE_bool("verbose", False, "On failure print the traceback; show the libraries' logs "
+                  "(absl).")
 
 
 def run(checkpoint: str, data: str, *, setting: str = "normal", mode: str = "compressed",
@@ -70,14 +74,21 @@ def run(checkpoint: str, data: str, *, setting: str = "normal", mode: str = "com
     return summaries
 
 
-def main(argv):
+def main(argv) -> int:
     del argv
-    run(FLAGS.checkpoint, FLAGS.data, setting=FLAGS.setting, mode=FLAGS.mode,
-        top_k=FLAGS.top_k, out_dir=FLAGS.out_dir, limit=FLAGS.limit,
-        batch_size=FLAGS.batch_size, max_new_tokens=FLAGS.max_new_tokens,
-        adapter=None if FLAGS.adapter.lower() == "none" else FLAGS.adapter)
+    # absl logs (Orbax's among them): all with --verbose, else none (failures end in one line)
+    logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.FATAL)
+    return errors.run_command(evaluate_from_flags, "evaluate", FLAGS.verbose)
+
+
+def evaluate_from_flags() -> dict[str, dict]:
+    """`run` with the command line's flags."""
+    return run(FLAGS.checkpoint, FLAGS.data, setting=FLAGS.setting, mode=FLAGS.mode,
+               top_k=FLAGS.top_k, out_dir=FLAGS.out_dir, limit=FLAGS.limit,
+               batch_size=FLAGS.batch_size, max_new_tokens=FLAGS.max_new_tokens,
+               adapter=None if FLAGS.adapter.lower() == "none" else FLAGS.adapter)
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["checkpoint", "data"])
-    app.run(main)
+    app.run(main, flags_parser=errors.flags_parser("evaluate"))

@@ -41,6 +41,17 @@ def base_config(stage: str, model: str) -> ml_collections.ConfigDict:
     c.max_grad_norm = 1.0
     c.dropout = True           # LoRA dropout 0.1 in training, as officially
     c.on_nonfinite = "stop"    # or "skip": leave the state unchanged and go on
+    c.max_skipped_fraction = 0.1   # on_nonfinite=skip: more skipped steps than this diverged
+    # When a run has diverged (clara_jax/train/divergence.py; docs/training.md, "Divergence"):
+    # grad norm exactly 0 at zero_grad_rows log rows in a row; the loss within
+    # chance_tolerance nats of ln(vocabulary) at chance_rows log rows in a row after the
+    # warm-up; a trained parameter non-finite or above max_abs_param (never checkpointed).
+    # 0 rows turns a check off.
+    c.divergence = ml_collections.ConfigDict()
+    c.divergence.zero_grad_rows = 3
+    c.divergence.chance_rows = 5
+    c.divergence.chance_tolerance = 1e-3
+    c.divergence.max_abs_param = 1e6
     c.log_every = 10
     c.eval_every = 100 if tiny else 1000
     c.eval_batches = 4

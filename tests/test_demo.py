@@ -138,15 +138,23 @@ def test_an_exported_base_is_the_shipped_base_of_its_config(tmp_path):
 
 
 def test_a_stage_that_stops_early_is_an_error_naming_it(tmp_path, monkeypatch):
-    """A stage stopped before its last step (SIGTERM: the trainer saves and returns without
-    exporting a model) stops the demo with the stage and its step, not a KeyError."""
+    """A stage stopped before its last step (SIGTERM: the trainer saves, writes summary.json
+    without a model and raises Preempted) stops the demo with the stage and its step, still
+    a Preempted (exit status 75: rerun to resume)."""
+    from clara_jax.errors import Preempted
     from clara_jax.train import train as train_lib
     cfg = _demo_config()
     worlds = {"clara": [str(tmp_path / "w0")], "base": []}
     c = demo.stage_config(cfg, "instruct", worlds, 4, str(tmp_path / "base"))
-    monkeypatch.setattr(train_lib, "train", lambda c, wd: {"stage": c.stage, "steps": 2,
-                                                           "last": {}})
-    with pytest.raises(RuntimeError, match=r"instruct stopped at step 2 of 150; rerun"):
+
+    def stopped(c, wd):
+        os.makedirs(wd, exist_ok=True)
+        with open(os.path.join(wd, "summary.json"), "w") as f:
+            json.dump({"stage": c.stage, "steps": 2, "last": {}}, f)
+        raise Preempted("preempted (SIGTERM) at step 2 of 150")
+
+    monkeypatch.setattr(train_lib, "train", stopped)
+    with pytest.raises(Preempted, match=r"instruct stopped at step 2 of 150 \(SIGTERM\); rerun"):
         demo.run_stage(c, str(tmp_path / "instruct"))
 
 

@@ -11,7 +11,7 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from clara_jax import cpu_malloc
+from clara_jax import cpu_malloc, errors
 from clara_jax.demo.base import shipped_base
 from clara_jax.demo.run import run
 from clara_jax.demo.stages import CONFIG_DIR, train_rate
@@ -28,13 +28,21 @@ flags.DEFINE_integer("train_rate", 0, "Internal: train only this rate's stages 1
                      "process of the parallel run), with --resolved_config.")
 flags.DEFINE_string("resolved_config", "", "Internal: the demo config as JSON (with "
                     "--train_rate).")
+flags.DEFINE_bool("verbose", False, "On failure print the traceback; show the libraries' "
+                  "logs (absl, Orbax).")
 flags.DEFINE_string("cpus", "", "Internal: CPUs to pin the --train_rate process to (0,1,...).")
 FLAGS = flags.FLAGS
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> int:
     del argv
-    logging.set_verbosity(logging.WARNING)
+    # absl logs (Orbax's among them): all with --verbose, else none (failures end in one line)
+    logging.set_verbosity(logging.INFO if FLAGS.verbose else logging.FATAL)
+    return errors.run_command(demo, "demo", FLAGS.verbose)
+
+
+def demo() -> None:
+    """The demo (or with --train_rate one rate's stages); exits 1 when its check fails."""
     if FLAGS.train_rate:   # one rate's stages, in a process of train_rates_in_parallel
         if FLAGS.cpus:     # before JAX creates its CPU client, which sizes its thread pool
             os.sched_setaffinity(0, [int(c) for c in FLAGS.cpus.split(",")])
@@ -62,4 +70,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=errors.flags_parser("demo"))

@@ -13,6 +13,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from clara_jax.errors import Preempted
 from clara_jax.train import train as train_lib
 
 # configs/ beside the package (the stage config files and configs/demo.py).
@@ -82,14 +83,23 @@ def run_stage(c, workdir: str) -> str:
             return done["model_dir"]
     t0 = time.time()
     print(f"== {c.stage} -> {workdir} ({c.total_steps} steps)", flush=True)
-    summary = train_lib.train(c, workdir)
-    if "model_dir" not in summary:   # stopped before total_steps (SIGTERM): resumable
-        raise RuntimeError(f"{workdir}: {c.stage} stopped at step {summary['steps']} of "
-                           f"{c.total_steps}; rerun to resume it")
+    try:
+        summary = train_lib.train(c, workdir)
+    except Preempted as e:   # stopped before total_steps (SIGTERM), its state saved
+        raise Preempted(f"{workdir}: {c.stage} stopped at step {_steps_of(summary_path)} of "
+                        f"{c.total_steps} (SIGTERM); rerun to resume it") from e
     last = summary.get("last", {})
     print(f"   {time.time() - t0:.0f} s; loss {last.get('loss', float('nan')):.3f}, "
           f"eval loss {last.get('eval_loss', float('nan')):.3f}", flush=True)
     return summary["model_dir"]
+
+
+def _steps_of(summary_path: str) -> int | str:
+    """The steps a stopped stage's summary.json records ("?" without one)."""
+    try:
+        return json.load(open(summary_path))["steps"]
+    except (OSError, ValueError, KeyError):
+        return "?"
 
 
 def train_rate(cfg, worlds: dict[str, list[str]], rate: int, base: str, workdir: str

@@ -14,6 +14,7 @@ import optax
 from clara_jax.clara.tokenizer import ClaraTokenizer
 from clara_jax.clara.formats.hf_mistral import save_checkpoint
 from clara_jax.data import pipeline
+from clara_jax.errors import UserError
 from clara_jax.model.config import MistralConfig
 from clara_jax.train.inputs import Data, text_records
 from clara_jax.train.step import TrainState
@@ -35,6 +36,10 @@ def text_data(c: ml_collections.ConfigDict, files: dict[str, str], tok: ClaraTok
     texts, prompts = text_records(c, files)
     rows = pipeline.pack_text(texts, tok, c.max_len, prompts)
     n_eval = max(len(rows) // 20, local_bs)
+    if len(rows) - n_eval < local_bs * shard_count:
+        raise UserError(f"config.data.train_files: {files['text']} packs into {len(rows)} rows "
+                        f"of max_len {c.max_len} tokens, fewer than one train batch of "
+                        f"{c.batch_size} beside the {n_eval} held out for eval")
     train_ds = pipeline.text_dataset(rows[n_eval:], batch_size=local_bs, seed=c.seed,
                                      pad_id=tok.pad_id, shard_index=shard_index,
                                      shard_count=shard_count)

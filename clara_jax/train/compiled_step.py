@@ -33,7 +33,8 @@ FINGERPRINT_FORMAT = 2   # 2: the fingerprint is its own pickle record, before t
 # checkpoint (its shapes are in the state's signature) and the seed (the PRNG key is an input).
 FINGERPRINT_IGNORED = ("seed", "init_from", "compiled_step", "log_every", "eval_every",
                        "eval_batches", "checkpoint_every", "keep_checkpoints", "on_nonfinite",
-                       "peak_flops", "data", "resume_overrides", "on_corrupt_checkpoint")
+                       "max_skipped_fraction", "divergence", "peak_flops", "data",
+                       "resume_overrides", "on_corrupt_checkpoint")
 
 
 def config_fields(c: ml_collections.ConfigDict) -> dict[str, Any]:

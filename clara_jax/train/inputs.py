@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 
 from clara_jax.clara.tokenizer import ClaraTokenizer
+from clara_jax.errors import UserError
 from clara_jax.data import formats, pipeline, synthetic
 
 # The batch features whose ones are tokens the step reads (encoder and decoder inputs).
@@ -34,6 +35,10 @@ def data_files(c: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     """The run's files by role: train / eval JSONL, text. Generates the synthetic corpus into
     `{workdir}/data` when config.data.train_files is empty."""
     if c.data.train_files:
+        for role in ("train", "eval"):
+            for path in formats.expand_paths(c.data[f"{role}_files"] or []):
+                if os.path.getsize(path) == 0:
+                    raise UserError(f"config.data.{role}_files: {path} is empty")
         return {"train": c.data.train_files, "eval": c.data.eval_files or "",
                 "text": c.data.train_files}
     out = os.path.join(workdir, "data")
@@ -104,6 +109,8 @@ def stage_data(c: ml_collections.ConfigDict, files: dict[str, str], tok: ClaraTo
     shard_index, shard_count = pipeline.host_shard()
     local_bs = c.batch_size // shard_count
     train_records = read_records(c, files["train"], workdir, "train")
+    at_least_one_batch(len(range(shard_index, len(train_records), shard_count)), local_bs,
+                       files["train"], "train")
     k_instruct = len(train_records[0]["docs"]) if c.stage == "instruct" else c.generation_top_k
     spec = feature_spec(c, tok.n_mem, k_instruct)
     train_ds = pipeline.make_dataset(train_records, tok, spec, batch_size=local_bs, seed=c.seed,
@@ -111,10 +118,19 @@ def stage_data(c: ml_collections.ConfigDict, files: dict[str, str], tok: ClaraTo
     eval_ds, eval_records = None, []
     if files["eval"]:
         eval_records = read_records(c, files["eval"], workdir, "eval")
+        at_least_one_batch(len(range(shard_index, len(eval_records), shard_count)), local_bs,
+                           files["eval"], "eval")
         eval_ds = pipeline.make_dataset(eval_records, tok, spec, batch_size=local_bs,
                                         shuffle=False, num_epochs=1, shard_index=shard_index,
                                         shard_count=shard_count)
     return Data(train_ds, eval_ds, len(train_records), train_records, eval_records, k_instruct)
+
+
+def at_least_one_batch(n: int, batch_size: int, files: str, role: str) -> None:
+    """UserError naming the files when `n` records (of this host) are fewer than one batch."""
+    if n < batch_size:
+        raise UserError(f"config.data.{role}_files: {files} holds {n} usable records (per "
+                        f"host), fewer than one batch of {batch_size}")
 
 
 def split_batch(batch: dict, stage: str, candidates=None, record_rows=None

@@ -84,14 +84,21 @@ def retrieval_metrics(topk: np.ndarray, pos_mask: np.ndarray) -> dict:
 class MetricsLog:
     """Rows to `{workdir}/metrics.jsonl` (train rows, appended as they come, so a crash keeps
     them), TensorBoard scalars `train/*`, `eval/*` (when tensorboardX is installed) and a tqdm
-    bar (stderr) showing step, loss and throughput."""
+    bar (stderr, when it is a terminal) showing step, loss and throughput.
+
+    Opened at `first_step` > 0 (a resumed run), it first drops the rows of later steps (run
+    after the checkpoint it resumes from, and about to be run again; the file is replaced
+    atomically) and TensorBoard hides its events from step first_step + 1 on (`purge_step`),
+    so each step is logged once."""
 
     def __init__(self, workdir: str, first_step: int, total_steps: int):
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.total = total_steps
-        self.writer = _summary_writer(workdir)
+        if first_step > 0:
+            drop_rows_after(self.path, first_step)
+        self.writer = _summary_writer(workdir, first_step + 1 if first_step > 0 else None)
         self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True,
-                        mininterval=1.0)
+                        mininterval=1.0, disable=None)
 
     def train(self, row: dict) -> None:
         with open(self.path, "a") as f:
@@ -110,6 +117,7 @@ class MetricsLog:
             f"{k}={v:.4f}" for k, v in row.items() if k != "step"))
 
     def close(self) -> None:
+        self.bar.close()
         if self.writer is not None:
             self.writer.close()
 
@@ -122,9 +130,28 @@ class MetricsLog:
         self.writer.flush()
 
 
-def _summary_writer(workdir: str) -> Any:
+def drop_rows_after(path: str, step: int) -> None:
+    """Rewrites the JSONL log at `path` (if any) without its rows of steps > `step` (and
+    without a last line cut short by a crash); atomic (a temporary file renamed over it)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:   # a line cut short by a crash
+                continue
+            if row.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def _summary_writer(workdir: str, purge_step: int | None = None) -> Any:
     try:
         from tensorboardX import SummaryWriter   # optional
     except ImportError:  # pragma: no cover
         return None
-    return SummaryWriter(os.path.join(workdir, "tensorboard"))
+    return SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)

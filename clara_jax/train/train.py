@@ -9,8 +9,12 @@
   3. data: JSONL files, or the synthetic corpus generated into the work directory (`inputs`)
   4. the run (`setup.build_run`: model, optimizer, shardings, state), the jitted steps and
      the Orbax checkpointer (resume from the latest step if any)
-  5. the loop: metrics (console + TensorBoard), eval, checkpoints, SIGTERM, non-finite guard
+  5. the loop: metrics (console + TensorBoard), eval, checkpoints, SIGTERM, the divergence
+     checks (`divergence`)
   6. export the trained model to `{workdir}/model` (a `Clara.load`-able directory)
+
+A run that diverges raises `errors.DivergenceError` (no export; summary.json has
+`"diverged"`); one stopped by SIGTERM saves its state and raises `errors.Preempted`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import signal
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -28,7 +33,8 @@ from clara_jax import parallel
 from clara_jax.clara.model import Clara
 from clara_jax.clara.tokenizer import ClaraTokenizer
 from clara_jax.data import pipeline
-from clara_jax.train import base_lm, candidate_cache, compiled_step, inputs
+from clara_jax.errors import DivergenceError, Preempted
+from clara_jax.train import base_lm, candidate_cache, compiled_step, divergence, inputs
 from clara_jax.train import step as step_lib
 from clara_jax.train import resume
 from clara_jax.train.checkpoint import Checkpointer, saved_steps
@@ -62,9 +68,15 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     train_step, state = jitted_train_step(c, run, state)
     eval_step = jax.jit(run.setup.eval_step)
     cache = candidates_of(c, workdir, run, state, tok, start["tokenizer_path"], data)
-    state, last = loop(c, workdir, run, state, train_step, eval_step, data, data_it, ckpt,
-                       cache)
-    return finish(c, workdir, run, state, last, start["tokenizer_path"])
+    guard = divergence.Guard(c, run.model_cfg.vocab_size, int(state.step))
+    try:
+        state, last = loop(c, workdir, run, state, train_step, eval_step, data, data_it, ckpt,
+                           cache, guard)
+    except DivergenceError as e:
+        write_summary(workdir, {"stage": c.stage, "steps": guard.step, "last": guard.last,
+                                "diverged": str(e), "skipped_steps": guard.skipped})
+        raise
+    return finish(c, workdir, run, state, last, start["tokenizer_path"], guard.skipped)
 
 
 def write_config(c: ml_collections.ConfigDict, workdir: str, base_id: str,
@@ -129,10 +141,13 @@ def candidates_of(c: ml_collections.ConfigDict, workdir: str, run: Run, state,
 
 def loop(c: ml_collections.ConfigDict, workdir: str, run: Run, state, train_step: Callable,
          eval_step: Callable, data: inputs.Data, data_it, ckpt: Checkpointer,
-         cand: Candidates | None) -> tuple[step_lib.TrainState, dict]:
+         cand: Candidates | None, guard: divergence.Guard
+         ) -> tuple[step_lib.TrainState, dict]:
     """Steps from the state's step to total_steps, logging every log_every steps, evaluating
     every eval_every, checkpointing every checkpoint_every and on SIGTERM (then stopping);
-    returns (state, the last log row with the last eval's metrics as eval_*)."""
+    returns (state, the last log row with the last eval's metrics as eval_*). `guard`'s
+    checks run at every log row and before every checkpoint (DivergenceError); a non-finite
+    step stops the run at once with on_nonfinite=stop (a device sync per step)."""
     cache = cand.cache if cand else None
     to_global = lambda batch: inputs.local_batch_to_global(
         batch, lambda ndim: parallel.batch_sharding(run.mesh, ndim), cache)
@@ -141,7 +156,9 @@ def loop(c: ml_collections.ConfigDict, workdir: str, run: Run, state, train_step
     log = MetricsLog(workdir, int(state.step), c.total_steps)
     meter = Meter(c.batch_size, data.n_train, c.get("peak_flops", 0))
     last: dict[str, Any] = {}
+    guard.last = last
     step_flops = None
+    skipped = jnp.zeros((), jnp.int32)   # on the device: counted without a sync per step
     try:
         with parallel.axis_rules(run.mesh):
             for step in range(int(state.step), c.total_steps):
@@ -151,13 +168,18 @@ def loop(c: ml_collections.ConfigDict, workdir: str, run: Run, state, train_step
                     step_flops = model_flops(run.model_cfg, batch)
                 meter.add(step, batch, extras, step_flops)
                 state, metrics = train_step(state, to_global(batch))
-                done = step + 1
-                if done % c.log_every == 0 or done == c.total_steps:
+                done = guard.step = step + 1
+                skipped = skipped + (metrics["finite"] == 0).astype(jnp.int32)
+                logged = done % c.log_every == 0 or done == c.total_steps
+                if logged:
                     m = jax.device_get(metrics)
                     if not float(m["finite"]):
                         nonfinite(c, ckpt, done)
-                    last = meter.row(done, m, extras["pos_mask"])
+                    last = guard.last = meter.row(done, m, extras["pos_mask"])
                     log.train(last)
+                    guard.skips(done, int(skipped), final=done == c.total_steps)
+                    guard.row(done, m)
+                    guard.params(done, state.trainable)
                 elif c.on_nonfinite == "stop" and not bool(metrics["finite"]):
                     nonfinite(c, ckpt, done)
                 if data.eval is not None and (done % c.eval_every == 0
@@ -167,15 +189,18 @@ def loop(c: ml_collections.ConfigDict, workdir: str, run: Run, state, train_step
                     log.eval({**ev, "step": done})
                     last.update({f"eval_{k}": v for k, v in ev.items()})
                 if done % c.checkpoint_every == 0 or done == c.total_steps or stop["signal"]:
+                    if not logged:   # only finite, bounded states are saved
+                        guard.params(done, state.trainable)
                     ckpt.save(done, state, data_it.get_state(), force=True)
                 if stop["signal"]:
                     ckpt.wait()
-                    print(f"SIGTERM: saved step {done} to {ckpt.directory}; exiting")
+                    print(f"SIGTERM: saved step {done} to {ckpt.directory}")
                     break
     finally:
         signal.signal(signal.SIGTERM, previous)
         ckpt.close()
         log.close()
+    guard.skipped = int(skipped)
     return state, last
 
 
@@ -201,28 +226,42 @@ def evaluate_loss(eval_step: Callable, state, eval_ds, max_batches: int,
 
 def nonfinite(c: ml_collections.ConfigDict, ckpt: Checkpointer, step: int) -> None:
     """A step whose loss or gradient was not finite (its update not applied): raises
-    FloatingPointError with on_nonfinite == "stop", else says so and goes on."""
+    DivergenceError with on_nonfinite == "stop", else says so and goes on (the loop counts
+    the skipped steps against max_skipped_fraction)."""
     if c.on_nonfinite == "stop":
         ckpt.wait()
-        raise FloatingPointError(
-            f"non-finite loss or gradient at step {step}; the update was not applied and the "
-            f"last good checkpoint (step {ckpt.latest_step()}) is kept. Set "
-            f"--config.on_nonfinite=skip to skip such updates instead.")
+        raise DivergenceError(
+            f"diverged at step {step}: non-finite loss or gradient (update not applied); the "
+            f"last good checkpoint is step {ckpt.latest_step()} (--config.on_nonfinite=skip "
+            f"skips such steps instead)")
     print(f"step {step}: non-finite loss or gradient, update skipped")
 
 
+def write_summary(workdir: str, summary: dict) -> None:
+    """`{workdir}/summary.json`, replaced atomically."""
+    path = os.path.join(workdir, "summary.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def finish(c: ml_collections.ConfigDict, workdir: str, run: Run, state, last: dict,
-           tokenizer_path: str) -> dict:
-    """The run's summary {stage, steps, last (, model_dir)} written to summary.json; a run
-    that reached total_steps exports its model first."""
-    summary = {"stage": c.stage, "steps": int(state.step), "last": last}
-    if int(state.step) >= c.total_steps:
+           tokenizer_path: str, skipped_steps: int = 0) -> dict:
+    """The run's summary {stage, steps, last, skipped_steps (, model_dir)} written to
+    summary.json; a run that reached total_steps exports its model first. A run stopped
+    before total_steps (SIGTERM; its state is saved) raises Preempted after writing it."""
+    steps = int(state.step)
+    summary = {"stage": c.stage, "steps": steps, "last": last, "skipped_steps": skipped_steps}
+    if steps >= c.total_steps:
         if c.stage == "base_lm":
             summary["model_dir"] = base_lm.export(workdir, run.model_cfg, state, tokenizer_path)
         else:
             summary["model_dir"] = export_model(workdir, run, state, tokenizer_path)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_summary(workdir, summary)
+    if steps < c.total_steps:
+        raise Preempted(f"preempted (SIGTERM) at step {steps} of {c.total_steps}; the state "
+                        f"is saved in {os.path.join(os.path.abspath(workdir), 'checkpoints')}; "
+                        f"rerun the same command to resume")
     return summary
 
 
