@@ -35,13 +35,16 @@ from clara_jax.train.checkpoint import ON_CORRUPT, saved_steps
 MODEL_FIELDS = ("stage", "model", "init_from", "vocab_size", "rope_theta", "lm_head_init",
                 "whole_words", "doc_max_length", "compress_rate", "different_mem_tokens",
                 "lora_rank", "lora_alpha", "optimize_mem_tokens",
-                "end_to_end.query_reasoner_init", "end_to_end.query_reasoner_init_scale")
+                "end_to_end.query_reasoner_init", "end_to_end.query_reasoner_init_scale",
+                "end_to_end.train_decoder")
 # Fields that never matter to what a checkpoint holds or how training continues from it.
 # on_nonfinite is free: its own error message tells the user to rerun with "skip".
 FREE_FIELDS = ("total_steps", "log_every", "eval_every", "eval_batches", "checkpoint_every",
                "keep_checkpoints", "resume_overrides", "on_corrupt_checkpoint", "on_nonfinite",
                "peak_flops", "compiled_step", "remat_policy", "scan_layers", "attention_impl",
-               "mesh.dcn_data", "mesh.data", "mesh.fsdp", "mesh.tensor")
+               "mesh.dcn_data", "mesh.data", "mesh.fsdp", "mesh.tensor",
+               "max_skipped_fraction", "divergence.zero_grad_rows", "divergence.chance_rows",
+               "divergence.chance_tolerance", "divergence.max_abs_param")
 ABSENT = "<unset>"
 
 
