@@ -24,6 +24,8 @@ import threading
 import traceback
 from typing import Callable
 
+from absl import flags
+
 EXIT_OK = 0
 EXIT_USER = 2
 EXIT_STORAGE = 3
@@ -131,8 +133,6 @@ def flags_parser(name: str) -> Callable[[list[str]], list[str]]:
     unknown flag, an unknown or ill-typed `--config.field`, which ml_collections raises while
     the flags are parsed) with one line `name: <message>` and exit status 2 (the traceback
     too with `--verbose` on the command line). `--help` is left to absl."""
-    from absl import flags   # absl only where a command line is parsed
-
     def parse(argv: list[str]) -> list[str]:
         try:
             return flags.FLAGS(argv)
