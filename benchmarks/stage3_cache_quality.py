@@ -1,7 +1,7 @@
 """Stage 3 with and without the candidate cache from the same stage-2 model of a demo run:
 Recall@1/@5 and EM/F1 on the demo's held-out questions, and training time.
 
-    python benchmarks/stage3_cache_quality.py --demo_workdir workdir/demo [--rate 4] [--steps 40]
+    python benchmarks/stage3_cache_quality.py --demo_workdir workdir/demo [--rate 8] [--steps 40]
 
 Needs a finished (or at least stage-2-finished) `make demo` work directory; writes
 `{demo_workdir}/stage3_cache_quality/` and prints a Markdown table.
@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--demo_workdir", required=True)
-    ap.add_argument("--rate", type=int, default=4)
+    ap.add_argument("--rate", type=int, default=8)
     ap.add_argument("--steps", type=int, default=40)
     args = ap.parse_args()
 
