@@ -32,9 +32,6 @@ import ml_collections
 from clara_jax.errors import DivergenceError
 
 MIN_STEPS_FOR_SKIP_FRACTION = 20
-# configs/common.py's values, for a config written without the fields.
-DEFAULTS = {"zero_grad_rows": 3, "chance_rows": 5, "chance_tolerance": 1e-3,
-            "max_abs_param": 1e6}
 
 
 @jax.jit
@@ -49,12 +46,12 @@ class Guard:
     """The divergence checks of one run (this process's part of it, from `first_step`)."""
 
     def __init__(self, c: ml_collections.ConfigDict, vocab_size: int, first_step: int):
-        d = {**DEFAULTS, **(c.get("divergence") or {})}
-        self.zero_grad_rows = int(d["zero_grad_rows"])
-        self.chance_rows = int(d["chance_rows"])
-        self.chance_tolerance = float(d["chance_tolerance"])
-        self.max_abs_param = float(d["max_abs_param"])
-        self.max_skipped_fraction = float(c.get("max_skipped_fraction", 0.1))
+        d = c.divergence   # fields and defaults: configs/common.py
+        self.zero_grad_rows = int(d.zero_grad_rows)
+        self.chance_rows = int(d.chance_rows)
+        self.chance_tolerance = float(d.chance_tolerance)
+        self.max_abs_param = float(d.max_abs_param)
+        self.max_skipped_fraction = float(c.max_skipped_fraction)
         self.chance_loss = math.log(vocab_size)
         self.base_lm = c.stage == "base_lm"
         self.warmup_steps = int(c.warmup_ratio * c.total_steps)

@@ -73,15 +73,15 @@ def validate_config(c: ml_collections.ConfigDict, n_devices: int | None = None) 
             f"{c.num_candidates}")
     if c.on_nonfinite not in ("stop", "skip"):
         bad("on_nonfinite", f"must be 'stop' or 'skip', got {c.on_nonfinite!r}")
-    if not 0.0 <= c.get("max_skipped_fraction", 0.1) <= 1.0:
+    if not 0.0 <= c.max_skipped_fraction <= 1.0:
         bad("max_skipped_fraction", f"must be in [0, 1], got {c.max_skipped_fraction}")
-    div = c.get("divergence", {})
+    div = c.divergence
     for field in ("zero_grad_rows", "chance_rows"):
-        if int(div.get(field, 0)) < 0:
+        if int(div[field]) < 0:
             bad(f"divergence.{field}", f"must be >= 0 (0: off), got {div[field]}")
-    if not div.get("chance_tolerance", 1.0) > 0:
+    if not div.chance_tolerance > 0:
         bad("divergence.chance_tolerance", f"must be positive, got {div.chance_tolerance}")
-    if not div.get("max_abs_param", 1.0) > 0:
+    if not div.max_abs_param > 0:
         bad("divergence.max_abs_param", f"must be positive, got {div.max_abs_param}")
     try:
         mesh_shape = parallel.mesh_from_config(c.mesh, list(range(n_devices))).devices.shape

@@ -62,7 +62,7 @@ def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     for note in run.setup.sharding_notes:
         print(f"sharding: {note}")
     ckpt = Checkpointer(workdir, keep=c.keep_checkpoints,
-                        on_corrupt=c.get("on_corrupt_checkpoint", "fallback"))
+                        on_corrupt=c.on_corrupt_checkpoint)
     data_it = pipeline.make_iterator(data.train, worker_count=c.data.worker_count)
     state = restore(ckpt, run, data_it)
     train_step, state = jitted_train_step(c, run, state)
