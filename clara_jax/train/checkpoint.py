@@ -97,15 +97,12 @@ def check_step(step_dir: str) -> str | None:
             want = json.load(f)["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"unreadable {MANIFEST} ({e})"
-    for rel in want:
-        if not os.path.isfile(os.path.join(step_dir, rel)):
-            return f"missing file {rel}"
-    for root, _, files in os.walk(step_dir):
-        for name in files:
-            rel = os.path.relpath(os.path.join(root, name), step_dir)
-            if rel != MANIFEST and rel not in want:
-                return f"extra file {rel}"
     have = _file_digests(step_dir)
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing:
+        return f"missing file {missing[0]}"
+    if extra:
+        return f"extra file {extra[0]}"
     for rel, w in want.items():
         if have[rel]["size"] != w["size"]:
             return f"file {rel} has {have[rel]['size']} bytes, the manifest {w['size']}"
