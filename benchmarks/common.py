@@ -114,10 +114,13 @@ def invented_documents(n_docs: int, n_words: int, seed: int = 0) -> list[str]:
 
 
 def make_base_dir(out_dir: str, *, hidden: int, layers: int, heads: int, kv_heads: int,
-                  intermediate: int, base_vocab: int, seed: int = 0) -> str:
+                  intermediate: int, base_vocab: int, seed: int = 0,
+                  initializer_range: float = 0.02) -> str:
     """A random Hugging Face Mistral base (float32 safetensors whose values are bfloat16-exact,
-    so the official loader's bfloat16 round trip changes nothing) with a sentencepiece
-    `tokenizer.model` of base_vocab pieces, its fast tokenizer and a Mistral chat template.
+    so the official loader's bfloat16 round trip changes nothing; weights drawn with std
+    `initializer_range`, larger values giving greedy answers that depend on the input) with a
+    sentencepiece `tokenizer.model` of base_vocab pieces, its fast tokenizer and a Mistral
+    chat template.
     Reused when out_dir already holds one."""
     if os.path.exists(os.path.join(out_dir, "tokenizer_config.json")):
         return out_dir
@@ -131,7 +134,8 @@ def make_base_dir(out_dir: str, *, hidden: int, layers: int, heads: int, kv_head
         vocab_size=base_vocab, hidden_size=hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
         intermediate_size=intermediate, rope_theta=1e6, rms_norm_eps=1e-5,
-        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+        initializer_range=initializer_range)
     hf = transformers.MistralForCausalLM(hc)
     with torch.no_grad():
         for p in hf.parameters():

@@ -219,7 +219,7 @@ def save_apple(out_dir: str, params: dict, adapters: dict[str, dict], model_cfg:
                               adapter_to_peft(adapters[ours], model_cfg).items()}
                  for apple, ours in APPLE_ADAPTERS.items() if ours in adapters}
         torch.save(state, os.path.join(tmp, "adapters.pth"))
-        embed = np.asarray(params["embed_tokens"]["embedding"], np.float32)
+        embed = np.array(params["embed_tokens"]["embedding"], np.float32)  # writable, for torch
         head = np.asarray(params["lm_head"]["kernel"], np.float32).T.copy()
         torch.save({"model.embed_tokens.weight": torch.from_numpy(embed),
                     "lm_head.weight": torch.from_numpy(head)},
