@@ -6,13 +6,14 @@ positions. It runs through the frozen base under the `encoder` adapter with Hugg
 default positions (0..L-1, padding included), as the official code does; only the final
 (normed) hidden states are computed, never the vocabulary projection.
 
-`compress_texts` runs this on strings in fixed-size batches (one compiled program).
+`compress_texts` (`compress_texts_and_mse` with the per-document MSE term) runs this on
+strings in fixed-size batches (one compiled program).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +35,9 @@ def encode_memory_states(model: Mistral, base: dict, adapter: dict | None, ids: 
     return out.hidden_states
 
 
-def memory_alignment_mse(hidden: jax.Array, mask: jax.Array, n_mem: int) -> jax.Array:
-    """MSE between the mean hidden state over memory positions and over the other attended
-    positions, averaged over documents and features (the official `mse_loss`).
+def memory_alignment_mse_rows(hidden: jax.Array, mask: jax.Array, n_mem: int) -> jax.Array:
+    """Per document [N]: MSE (over features) between the mean hidden state over memory
+    positions and over the other attended positions.
 
     hidden [N, L, D]; mask [N, L] (1 = attended); memory tokens are the last n_mem positions.
     """
@@ -48,7 +49,13 @@ def memory_alignment_mse(hidden: jax.Array, mask: jax.Array, n_mem: int) -> jax.
     mem_mean = jnp.einsum("nl,nld->nd", mem_w, hidden) / jnp.sum(mem_w, 1, keepdims=True)
     text_mean = jnp.einsum("nl,nld->nd", text_w, hidden) / jnp.maximum(
         jnp.sum(text_w, 1, keepdims=True), 1.0)
-    return jnp.mean((text_mean - mem_mean) ** 2)
+    return jnp.mean((text_mean - mem_mean) ** 2, axis=-1)
+
+
+def memory_alignment_mse(hidden: jax.Array, mask: jax.Array, n_mem: int) -> jax.Array:
+    """`memory_alignment_mse_rows` averaged over documents: the official `mse_loss` (mean over
+    documents and features)."""
+    return jnp.mean(memory_alignment_mse_rows(hidden, mask, n_mem))
 
 
 def compress(model: Mistral, base: dict, adapter: dict | None, ids: jax.Array, mask: jax.Array,
@@ -67,11 +74,20 @@ def compress_jit(model: Mistral, base: dict, adapter: dict | None, ids: jax.Arra
     return compress(model, base, adapter, ids, mask, n_mem)
 
 
-def map_in_padded_batches(fn: Callable[[np.ndarray, np.ndarray], jax.Array | np.ndarray],
-                          ids: np.ndarray, mask: np.ndarray, batch_size: int) -> np.ndarray:
+@functools.partial(jax.jit, static_argnames=("model", "n_mem"))
+def compress_rows_jit(model: Mistral, base: dict, adapter: dict | None, ids: jax.Array,
+                      mask: jax.Array, n_mem: int) -> tuple[jax.Array, jax.Array]:
+    """Jitted, eval mode: (memory states [B, n, D], per-document MSE term [B])."""
+    hidden = encode_memory_states(model, base, adapter, ids, mask, n_mem)
+    return hidden[:, -n_mem:], memory_alignment_mse_rows(hidden, mask, n_mem)
+
+
+def map_in_padded_batches(fn: Callable[[np.ndarray, np.ndarray], Any],
+                          ids: np.ndarray, mask: np.ndarray, batch_size: int) -> Any:
     """fn(ids, mask) over rows [R, L] in batches of exactly batch_size rows (the last one
     padded by repeating its final row, so one compiled program serves every batch); the
-    outputs' first R rows, concatenated (numpy)."""
+    outputs' first R rows, concatenated (numpy; fn may return a tuple of arrays, each
+    [batch_size, ...])."""
     outs = []
     for start in range(0, len(ids), batch_size):
         cid, cmask = ids[start:start + batch_size], mask[start:start + batch_size]
@@ -79,16 +95,26 @@ def map_in_padded_batches(fn: Callable[[np.ndarray, np.ndarray], jax.Array | np.
         if n < batch_size:
             cid = np.concatenate([cid, np.repeat(cid[-1:], batch_size - n, 0)])
             cmask = np.concatenate([cmask, np.repeat(cmask[-1:], batch_size - n, 0)])
-        outs.append(np.asarray(fn(cid, cmask))[:n])
-    return np.concatenate(outs)
+        outs.append(jax.tree_util.tree_map(lambda x: np.asarray(x)[:n], fn(cid, cmask)))
+    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *outs)
+
+
+def compress_texts_and_mse(model: Mistral, base: dict, adapter: dict | None,
+                           tok: ClaraTokenizer, texts: Sequence[str], doc_max_length: int,
+                           n_mem: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(memory states [len(texts), n_mem, D], per-document MSE term [len(texts)]), float32,
+    of texts encoded as documents (cut at doc_max_length tokens, as the official code does)."""
+    ids, mask, _ = prompts.encode_documents(tok, texts, doc_max_length, n_mem)
+    fn = lambda i, m: compress_rows_jit(model, base, adapter, jnp.asarray(i), jnp.asarray(m),
+                                        n_mem)
+    states, mse = map_in_padded_batches(fn, ids, mask, batch_size)
+    return states.astype(np.float32), mse.astype(np.float32)
 
 
 def compress_texts(model: Mistral, base: dict, adapter: dict | None, tok: ClaraTokenizer,
                    texts: Sequence[str], doc_max_length: int, n_mem: int, batch_size: int
                    ) -> np.ndarray:
-    """Memory states [len(texts), n_mem, D] (float32) of texts encoded as documents (cut at
-    doc_max_length tokens, as the official code does)."""
-    ids, mask, _ = prompts.encode_documents(tok, texts, doc_max_length, n_mem)
-    fn = lambda i, m: compress_jit(model, base, adapter, jnp.asarray(i), jnp.asarray(m),
-                                   n_mem)[0]
-    return map_in_padded_batches(fn, ids, mask, batch_size).astype(np.float32)
+    """Memory states [len(texts), n_mem, D] (float32): `compress_texts_and_mse` without the
+    MSE (one compiled program for both)."""
+    return compress_texts_and_mse(model, base, adapter, tok, texts, doc_max_length, n_mem,
+                                  batch_size)[0]

@@ -4,7 +4,10 @@
     model = Clara.load(release, base_model_dir=hf_dir)    # Apple's release or an adapter bundle
     model.save(out_dir); model.export_apple(out_dir)
     emb = model.compress_documents(docs)                  # [len(docs), n, hidden]
+    emb, mse = model.compress_documents_and_mse(docs)     # and the official MSE term
     out = model.generate_from_text(questions, documents)  # out.texts, out.token_ids
+
+Apple's method names, signatures and return types are `clara_jax.compat.CLaRa`, built on this.
 
 A `Clara` holds (model config, ClaraConfig, params, adapters, tokenizer) and inference
 settings; its methods validate input, pick the weights and call `clara.compress`,
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clara_jax.clara import formats, generation, prompts
-from clara_jax.clara.compress import compress_texts
+from clara_jax.clara.compress import compress_texts, compress_texts_and_mse
 from clara_jax.clara.config import ClaraConfig
 from clara_jax.clara.formats import apple, ours
 from clara_jax.clara.formats.parts import ClaraParts
@@ -148,6 +151,16 @@ class Clara:
         params, adapter = self._weights("encoder")
         return compress_texts(self.model, params, adapter, self.tokenizer, documents,
                               self.config.doc_max_length, self.config.n_mem, self.batch_size)
+
+    def compress_documents_and_mse(self, documents: Sequence[str]) -> tuple[np.ndarray, float]:
+        """(`compress_documents`, the MSE between each document's mean memory state and mean
+        text state, averaged over documents and features: the official `mse_loss`)."""
+        check_texts(documents, "documents")
+        params, adapter = self._weights("encoder")
+        states, mse = compress_texts_and_mse(
+            self.model, params, adapter, self.tokenizer, documents, self.config.doc_max_length,
+            self.config.n_mem, self.batch_size)
+        return states, float(np.mean(mse))
 
     def encode_questions(self, questions: Sequence[str]) -> np.ndarray:
         """Query-reasoner representations [B, n * hidden] (questions encoded like documents)."""
