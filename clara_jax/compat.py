@@ -79,6 +79,12 @@ class CLaRa:
     def __init__(self, clara: Clara):
         self.clara = clara
 
+    def _texts(self, out) -> List[str]:
+        """The answers as the official `batch_decode(..., skip_special_tokens=True)` gives them
+        (not stripped: `Clara`'s `.texts` are)."""
+        return [self.clara.tokenizer.decode(ids, skip_special_tokens=True)
+                for ids in out.token_ids]
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, *args, **kwargs) -> "CLaRa":
         """Loads an Apple release (over the base its config.json's `decoder_model_name` names,
@@ -149,7 +155,7 @@ class CLaRa:
     def generate_from_text(self, questions: List[str], documents: List[List[str]],
                            max_new_tokens: int = 128) -> List[str]:
         """Answers from each question's documents (same count per question), compressed."""
-        return self.clara.generate_from_text(questions, documents, max_new_tokens).texts
+        return self._texts(self.clara.generate_from_text(questions, documents, max_new_tokens))
 
     def generate_from_paraphrase(self, questions: list[str], documents: list[list[str]],
                                  max_new_tokens: int = 128) -> list[str]:
@@ -157,15 +163,15 @@ class CLaRa:
         not used, as in the official code; one per group)."""
         if len(questions) != len(documents):
             raise ValueError(f"{len(questions)} questions for {len(documents)} document lists")
-        return self.clara.generate_from_paraphrase(documents, max_new_tokens).texts
+        return self._texts(self.clara.generate_from_paraphrase(documents, max_new_tokens))
 
     def generate_from_compressed_documents_and_questions(
             self, questions: List[str], compressed_documents: Any,
             max_new_tokens: int = 128) -> List[str]:
         """Answers from `compress_documents` output: [B * k, n, D] (k per question, in
         order), numpy or torch."""
-        return self.clara.generate_from_compressed_documents_and_questions(
-            questions, _as_numpy(compressed_documents), max_new_tokens).texts
+        return self._texts(self.clara.generate_from_compressed_documents_and_questions(
+            questions, _as_numpy(compressed_documents), max_new_tokens))
 
     def generate_from_questions(self, questions: List[str], max_new_tokens: int = 128,
                                 temperature: float = 0.5, documents: List[List[str]] = None,
@@ -186,7 +192,7 @@ class CLaRa:
             raise ValueError("generate_from_questions needs documents= (candidates per "
                              "question) unless stage2_mips=True")
         out = self.clara.generate_from_questions(questions, documents, max_new_tokens)
-        return out.texts, np.asarray(out.topk_indices, np.int64)
+        return self._texts(out), np.asarray(out.topk_indices, np.int64)
 
 
 # The notebook's `from transformers import AutoModel` becomes `from clara_jax.compat import

@@ -39,6 +39,7 @@ if not os.path.exists(os.path.join(REFERENCE, "openrlhf", "models", "modeling_cl
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import common  # noqa: E402
 
+from clara_jax import compat  # noqa: E402
 from clara_jax.clara import losses, prompts  # noqa: E402
 from clara_jax.clara.formats import apple  # noqa: E402
 from clara_jax.clara.topk import straight_through_topk  # noqa: E402
@@ -293,8 +294,10 @@ def test_generation_token_ids(pair):
         groups = [docs[0:2], docs[2:4]]
         with common.cuda_means_cpu(), torch.no_grad():
             official.generation_top_k = 2
-            official.generate_from_text(qs[:2], groups, max_new_tokens=8)
+            texts = official.generate_from_text(qs[:2], groups, max_new_tokens=8)
             assert ours.generate_from_text(qs[:2], groups, max_new_tokens=8).token_ids == seen[-1]
+            # The drop-in API returns the official strings (decoded the same way).
+            assert compat.CLaRa(ours).generate_from_text(qs[:2], groups, 8) == texts
             states, _ = official.compress_documents(docs[:4])
             official.generate_from_compressed_documents_and_questions(qs[:2], states,
                                                                       max_new_tokens=8)
@@ -313,11 +316,17 @@ def test_generation_token_ids(pair):
         for k in (1, 2):
             official.generation_top_k = k
             with torch.no_grad():
-                _, idx = official.generate_from_questions(qs[:2], max_new_tokens=8,
-                                                          documents=candidates)
+                texts, idx = official.generate_from_questions(qs[:2], max_new_tokens=8,
+                                                              documents=candidates)
             out = ours.generate_from_questions(qs[:2], candidates, max_new_tokens=8, k=k)
             np.testing.assert_array_equal(idx.numpy(), out.topk_indices)
             assert out.token_ids == seen[-1]
+            drop_in = compat.CLaRa(type(ours)(
+                ours.model_config, ours.config.replace(generation_top_k=k), ours.params,
+                ours.adapters, ours.tokenizer))
+            got_texts, got_idx = drop_in.generate_from_questions(qs[:2], 8, documents=candidates)
+            assert got_texts == texts
+            np.testing.assert_array_equal(got_idx, idx.numpy())
             assert len({tuple(r) for r in seen[-1]}) == 2  # the rows differ: a real check
     finally:
         official.decoder_tokenizer.batch_decode = decode
