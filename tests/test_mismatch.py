@@ -23,7 +23,7 @@ from clara_jax.errors import UserError
 from clara_jax.model.config import MistralConfig
 from clara_jax.model.lora import LoraConfig
 from clara_jax.model.mistral import Mistral, init_params
-from clara_jax.train import init_config
+from clara_jax.train import init_config, resume
 from clara_jax.train import setup as setup_lib
 from clara_jax.train import train as train_lib
 from config_files import load_config
@@ -218,3 +218,20 @@ def test_clara_without_sep_splices_at_the_official_positions(saved):
 
     assert out.token_ids == decode(False)
     assert decode(True) != decode(False)
+
+
+def test_adopted_run_trains_and_records_the_checkpoint_values(saved, tmp_path, capsys):
+    """A one-step instruct run from the saved Clara under compress_rate 8 / sep False with
+    adopt_checkpoint_config: it trains with the checkpoint's 4 / True, records them in
+    config.json (what a resume compares) and exports them; the flag itself is free on resume."""
+    c = run_config(saved["root"] / "clara", compress_rate=8, sep=False,
+                   adopt_checkpoint_config=True, total_steps=1, batch_size=8, log_every=1,
+                   eval_every=1000, checkpoint_every=1000, max_len=320, generation_top_k=2)
+    c.data.synthetic_entities = 20
+    summary = train_lib.train(c, str(tmp_path))
+    assert "adopt_checkpoint_config: compress_rate 4 from" in capsys.readouterr().out
+    recorded = json.load(open(tmp_path / "config.json"))
+    assert (recorded["compress_rate"], recorded["sep"]) == (4, True)
+    exported = json.load(open(os.path.join(summary["model_dir"], "clara_config.json")))
+    assert (exported["compress_rate"], exported["sep"]) == (4, True)
+    assert resume.field_kind("adopt_checkpoint_config", recorded) == "free"
