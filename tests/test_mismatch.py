@@ -98,7 +98,7 @@ def test_mismatch_names_every_field_both_values_and_the_vocabulary(saved):
     assert str(e.value) == (
         f"init_from {path}: compress_rate 4 in the checkpoint, 8 in the config; sep True in "
         f"the checkpoint, False in the config; lora_rank 4 in the checkpoint, 8 in the config; "
-        f"added tokens 7 in the checkpoint (vocabulary 307), 5 in the config (vocabulary 305) "
+        f"added tokens 7 in the checkpoint (vocabulary 307), 5 in the config (vocabulary 307) "
         f"(set config.compress_rate=4, config.sep=True, config.lora_rank=4, or "
         f"config.adopt_checkpoint_config=True to take the checkpoint's)")
     c = run_config(path, doc_max_length=32, different_mem_tokens=False)

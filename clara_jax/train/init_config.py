@@ -30,8 +30,9 @@ FIELDS = ("compress_rate", "doc_max_length", "different_mem_tokens", "sep", "lor
 
 def checkpoint_fields(path: str) -> dict[str, Any] | None:
     """{field: value} of FIELDS, plus "added_tokens", "base_vocab" (the id of <MEM0>) and
-    "vocab_size" (None where the format does not say: an Apple release's config.json), of the CLaRa checkpoint in `path`; None when `path` holds no CLaRa model
-    (a base, or nothing readable: loading it reports that)."""
+    "vocab_size" (None where the format does not say: an Apple release's config.json), of
+    the CLaRa checkpoint in `path`; None when `path` holds no CLaRa model (a base, or
+    nothing readable: loading it reports that)."""
     if ours.is_saved(path):
         model = ours.model_dir(path)
         with open(os.path.join(model, "clara_config.json")) as f:
@@ -65,6 +66,7 @@ def differences(c: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
 
 
 def _added_tokens(c: ml_collections.ConfigDict) -> int:
+    """CLaRa's added tokens under `c` (`ClaraConfig.num_added_tokens`)."""
     n = c.doc_max_length // c.compress_rate
     return (n if c.different_mem_tokens else 1) + 3
 
@@ -79,14 +81,16 @@ def check(c: ml_collections.ConfigDict) -> None:
     parts = [f"{f} {ckpt} in the checkpoint, {run_v} in the config"
              for f, (ckpt, run_v) in diff.items()]
     ckpt = checkpoint_fields(c.init_from)
-    if c.doc_max_length > 0 and c.compress_rate > 0 and ckpt["added_tokens"] != _added_tokens(c):
+    if ckpt["added_tokens"] != _added_tokens(c):
         if ckpt["base_vocab"] is None:
             parts.append(f"added tokens {ckpt['added_tokens']} in the checkpoint, "
                          f"{_added_tokens(c)} in the config")
         else:
+            # the run grows the vocabulary to hold its added tokens, never shrinks it
+            run_vocab = max(ckpt["vocab_size"], ckpt["base_vocab"] + _added_tokens(c))
             parts.append(f"added tokens {ckpt['added_tokens']} in the checkpoint (vocabulary "
                          f"{ckpt['vocab_size']}), {_added_tokens(c)} in the config (vocabulary "
-                         f"{ckpt['base_vocab'] + _added_tokens(c)})")
+                         f"{run_vocab})")
     sets = ", ".join(f"config.{f}={ckpt_v}" for f, (ckpt_v, _) in diff.items())
     raise UserError(f"init_from {c.init_from}: {'; '.join(parts)} (set {sets}, or "
                     f"config.adopt_checkpoint_config=True to take the checkpoint's)")
