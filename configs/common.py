@@ -28,6 +28,10 @@ def base_config(stage: str, model: str) -> ml_collections.ConfigDict:
     c.stage = stage
     c.model = model
     c.init_from = ""           # start checkpoint: a workdir, a saved Clara, a converted HF base
+    # A CLaRa init_from whose compress_rate, doc_max_length, different_mem_tokens, sep or
+    # lora_rank differ from this config is refused naming each; True takes the checkpoint's
+    # values instead (and prints which).
+    c.adopt_checkpoint_config = False
     c.seed = 0
     tiny = model == "tiny"
     c.total_steps = 300 if tiny else 10_000

@@ -109,3 +109,44 @@ def test_eval_rows_score_against_golden_answers_first(tmp_path):
     path.write_text(json.dumps(row) + "\n")
     assert read_jsonl(str(path), "eval")[0][0]["answers"] == ["b", "c"]
     assert read_jsonl(str(path), "end_to_end")[0][0]["answers"] == ["a"]
+
+
+def test_official_defaults_data_type_doc_keys_and_answer_order(tmp_path):
+    """As the official preprocess_data: data_type defaults to "qa"; "context" / "content"
+    lists are the documents when "docs" is absent (or not a list); answers come from the
+    first of answer (str), answers (list), golden_answers (list) that has its type."""
+    pre = write(tmp_path, [
+        json.dumps({"question": ["q"], "answers": ["a"], "context": ["c"]}),
+        json.dumps({"data_type": "paraphrase", "answer": "p", "content": ["d"]}),
+    ], "p.jsonl")
+    qa, para = read_jsonl(pre, "pretrain")[0]
+    assert (qa["data_type"], qa["questions"], qa["answers"], qa["docs"]) == ("qa", ["q"], ["a"],
+                                                                             ["c"])
+    assert (para["data_type"], para["questions"], para["answers"], para["docs"]) == (
+        "paraphrase", [], ["p"], ["d"])
+    rows = [
+        ({"docs": ["d", "e"], "context": ["x", "y"], "answer": "a"}, ["d", "e"], ["a"]),
+        ({"docs": "d", "context": ["x", "y"], "answer": "a"}, ["x", "y"], ["a"]),
+        ({"content": ["x", "y"], "answer": ["l"], "answers": ["b"]}, ["x", "y"], ["b"]),
+        ({"docs": ["d", "e"], "answers": "s", "golden_answers": ["g", "h"]}, ["d", "e"],
+         ["g", "h"]),
+        ({"docs": ["d", "e"], "answer": "a", "answers": ["b"]}, ["d", "e"], ["a"]),
+    ]
+    path = write(tmp_path, [json.dumps({"question": "q", **r}) for r, _, _ in rows], "i.jsonl")
+    recs, _ = read_jsonl(path, "instruct", k=2)
+    assert [(r["docs"], r["answers"]) for r in recs] == [(d, a) for _, d, a in rows]
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"question": "q", "answer": "a"}, "docs: missing (one of ('docs', 'context', 'content')"),
+    ({"question": "q", "context": "c", "answer": "a"}, "context: expected a list of strings"),
+    ({"question": "q", "docs": ["a", "b"], "answer": ["x"]}, "answer: expected a string, got "
+                                                             "list"),
+    ({"question": "q", "docs": ["a", "b"], "answers": "x"}, "answers: expected a list of strings"),
+    ({"question": "q", "docs": ["a", "b"], "golden_answers": []}, "golden_answers: has no answer"),
+])
+def test_official_keys_with_the_wrong_type_name_the_field(tmp_path, record, message):
+    path = write(tmp_path, [json.dumps(record)])
+    with pytest.raises(DataError) as e:
+        read_jsonl(path, "instruct", k=2)
+    assert str(e.value).startswith(f"{path}:1: {message}")

@@ -61,15 +61,17 @@ def equal_count(groups: Sequence[Sequence[str]], b: int) -> int:
 
 
 def memory_prompts(tok: ClaraTokenizer, questions: Sequence[str], k: int, stage: str,
-                   length_bucket: int, instruction: int | None = 0) -> prompts.DecoderBatch:
-    """Generation prompts with k memory slots per row (`prompts.generation_prompts`), left
-    padded to the longest row rounded up to a multiple of length_bucket."""
+                   length_bucket: int, instruction: int | None = 0, sep: bool = True
+                   ) -> prompts.DecoderBatch:
+    """Generation prompts with k memory slots per row (`prompts.generation_prompts`; slot
+    stride n + 1 with `sep`, n without), left padded to the longest row rounded up to a
+    multiple of length_bucket."""
     probe = prompts.generation_prompts(tok, questions, k=k, max_len=100_000, stage=stage,
-                                       instruction=instruction)
+                                       instruction=instruction, sep=sep)
     longest = int(probe.attention_mask.sum(1).max())
     return prompts.generation_prompts(tok, questions, k=k,
                                       max_len=round_up(longest, length_bucket), stage=stage,
-                                      instruction=instruction)
+                                      instruction=instruction, sep=sep)
 
 
 def text_prompts(tok: ClaraTokenizer, rows: Sequence[str], length_bucket: int

@@ -188,7 +188,7 @@ class Clara:
                      instruction: int = 0) -> GenerationOutput:
         """Answers with states [B, k, n, D] in the memory slots of `stage`'s prompts."""
         batch = generation.memory_prompts(self.tokenizer, questions, states.shape[1], stage,
-                                          self.length_bucket, instruction)
+                                          self.length_bucket, instruction, sep=self.config.sep)
         params, lora = self._weights(adapter)
         return generation.generate_from_memory(
             self.model, params, lora, self.tokenizer, batch, states, max_new_tokens,

@@ -217,20 +217,23 @@ def encode_documents(tok: ClaraTokenizer, docs: Sequence[str], doc_max_length: i
 # -- decoder batches -------------------------------------------------------------------------
 
 def build_decoder_batch(tok: ClaraTokenizer, pairs: Sequence[tuple[str, str | None]], k: int,
-                        max_len: int) -> DecoderBatch:
+                        max_len: int, *, sep: bool = True) -> DecoderBatch:
     """Tokenises (prompt, response) pairs into a left-padded DecoderBatch (D:147-166).
 
     With a response the row is the response and the first len(tokenize(prompt)) real tokens
     get label -100 (D:37-54); without one (generation) the row is the prompt and every label
     is -100. Memory slots are found like M:925-944: from the first `<MEM0>`, k slots of
-    n + 1 tokens (n memory tokens, `<SEP>`); ValueError if they do not fit in the row.
+    n + 1 tokens (n memory tokens, `<SEP>`) with `sep`, of n tokens without (M:929: the
+    prompt text still has a `<SEP>` after each document's memory tokens, M:978, so document
+    j > 0 is written from the `<SEP>` of document j - 1 on and the last k - 1 placeholders
+    keep their token embeddings); ValueError if they do not fit in the row.
     """
     n = tok.n_mem
     b = len(pairs)
     ids = np.full((b, max_len), tok.pad_id, np.int32)
     mask = np.zeros((b, max_len), np.int32)
     labels = np.full((b, max_len), IGNORE_INDEX, np.int32)
-    offsets = (np.arange(k)[:, None] * (n + 1) + np.arange(n)[None, :]).reshape(-1)
+    offsets = (np.arange(k)[:, None] * (n + int(sep)) + np.arange(n)[None, :]).reshape(-1)
     mem_positions = np.zeros((b, k * n), np.int32)
     n_truncated = 0
     for row, (prompt, response) in enumerate(pairs):
@@ -252,13 +255,15 @@ def build_decoder_batch(tok: ClaraTokenizer, pairs: Sequence[tuple[str, str | No
 
 
 def pretrain_qa(tok: ClaraTokenizer, questions: Sequence[Sequence[str]],
-                answers: Sequence[Sequence[str]], *, k: int, max_len: int) -> DecoderBatch:
+                answers: Sequence[Sequence[str]], *, k: int, max_len: int, sep: bool = True
+                ) -> DecoderBatch:
     """Stage-1 QA batch: record i asks questions[i] with answers[i] (lists) about its k
     compressed documents (D:137-142, qa_loss on)."""
     if len(questions) != len(answers):
         raise ValueError("questions and answers differ in length")
     return build_decoder_batch(
-        tok, [qa_strings(tok, q, a, k) for q, a in zip(questions, answers)], k, max_len)
+        tok, [qa_strings(tok, q, a, k) for q, a in zip(questions, answers)], k, max_len,
+        sep=sep)
 
 
 def _instruction_indices(b: int, instruction: int | Sequence[int] | None,
@@ -277,37 +282,39 @@ def _instruction_indices(b: int, instruction: int | Sequence[int] | None,
 
 def pretrain_paraphrase(tok: ClaraTokenizer, paraphrases: Sequence[str], *, k: int,
                         max_len: int, instruction: int | Sequence[int] | None = None,
-                        rng: random.Random | np.random.Generator | None = None
-                        ) -> DecoderBatch:
+                        rng: random.Random | np.random.Generator | None = None,
+                        sep: bool = True) -> DecoderBatch:
     """Stage-1 paraphrase batch: target paraphrases[i] (a record's answers[0]); instruction
     index per record, or drawn uniformly with `rng` as the official random.choice does."""
     idx = _instruction_indices(len(paraphrases), instruction, rng)
     return build_decoder_batch(
-        tok, [paraphrase_strings(tok, a, k, i) for a, i in zip(paraphrases, idx)], k, max_len)
+        tok, [paraphrase_strings(tok, a, k, i) for a, i in zip(paraphrases, idx)], k, max_len,
+        sep=sep)
 
 
 def instruct(tok: ClaraTokenizer, questions: Sequence[str], answers: Sequence[str], *, k: int,
-             max_len: int) -> DecoderBatch:
+             max_len: int, sep: bool = True) -> DecoderBatch:
     """Instruction-tuning (stage 2, `instruct`) batch: k compressed documents, a question, its answer
     (D:137-142 -> M:986-987)."""
     if len(questions) != len(answers):
         raise ValueError("questions and answers differ in length")
     return build_decoder_batch(
-        tok, [answer_strings(tok, q, a, k) for q, a in zip(questions, answers)], k, max_len)
+        tok, [answer_strings(tok, q, a, k) for q, a in zip(questions, answers)], k, max_len,
+        sep=sep)
 
 
 def end_to_end(tok: ClaraTokenizer, questions: Sequence[str], answers: Sequence[str], *,
-               k: int, max_len: int) -> DecoderBatch:
+               k: int, max_len: int, sep: bool = True) -> DecoderBatch:
     """End-to-end (stage 3, `end_to_end`) batch: same layout as `instruct` with the k selected documents
     (D:197-224 -> M:1124-1181)."""
-    return instruct(tok, questions, answers, k=k, max_len=max_len)
+    return instruct(tok, questions, answers, k=k, max_len=max_len, sep=sep)
 
 
 def generation_prompts(tok: ClaraTokenizer, questions: Sequence[str], *, k: int,
                        max_len: int = 1024, stage: str = "instruct",
                        instruction: int | Sequence[int] | None = None,
-                       rng: random.Random | np.random.Generator | None = None
-                       ) -> DecoderBatch:
+                       rng: random.Random | np.random.Generator | None = None,
+                       sep: bool = True) -> DecoderBatch:
     """Left-padded prompts without answers, for decoding (labels all -100).
 
     stage "instruct" / "end_to_end": `generate_from_text` / `generate_from_questions`
@@ -326,4 +333,4 @@ def generation_prompts(tok: ClaraTokenizer, questions: Sequence[str], *, k: int,
     else:
         raise ValueError(f"unknown generation stage {stage!r}; known: instruct, end_to_end, "
                          f"paraphrase, pretrain (pretrain_qa)")
-    return build_decoder_batch(tok, pairs, k, max_len)
+    return build_decoder_batch(tok, pairs, k, max_len, sep=sep)

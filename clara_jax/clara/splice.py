@@ -1,8 +1,11 @@
 """Writing compressed documents into the memory slots of decoder prompts.
 
-A prompt holds k documents as k runs of n memory-token placeholders (each run followed by
-`<SEP>` when `sep` is on), starting at the first `<MEM0>`; the placeholders' embeddings are
-replaced by the documents' memory states. Shapes are static; no loop over the batch.
+A prompt holds k documents as k runs of n memory-token placeholders, each run followed by
+`<SEP>` (the official prompt text always has it, modeling_clara.py:978), starting at the
+first `<MEM0>`. Document j's states replace the n positions from first + j * slot, slot =
+n + 1 with `sep` and n without (M:929): without, document j > 0 starts on the `<SEP>` of
+document j - 1 and the last k - 1 placeholders keep their token embeddings, as officially.
+Shapes are static; no loop over the batch.
 """
 
 from __future__ import annotations

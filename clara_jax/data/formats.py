@@ -2,14 +2,20 @@
 
 Formats (the official ones, accepted as they are):
   pretrain    {"data_type": "qa"|"paraphrase", "question": [str], "answers": [str], "docs": [str]}
-              qa: question[i] pairs with answers[i]; paraphrase: the target is answers[0].
-  instruct    {"question": str, "docs": [str] * k, "answer" | "answers" | "golden_answers":
-              str or [str]} (the first answer is the target; `pos_index` optional)
+              qa: question[i] pairs with answers[i]; paraphrase: the target is answers[0]
+              (its question is ignored). data_type defaults to "qa".
+  instruct    {"question": str, "docs": [str] * k, "answer": str | "answers": [str] |
+              "golden_answers": [str]} (the first answer is the target; `pos_index` optional)
   end_to_end  {"question": str, "docs": [str] * N, "answer"|..., "pos_index": [int] (optional)}
   eval        as end_to_end; `golden_answers` may hold several aliases.
   text        {"text": str, "id": str (optional)}: a corpus to index, or text with newlines
               (chat-formatted examples) for base-LM pretraining; an optional "prompt" (a
               proper prefix of text) is context only there: no loss on its tokens.
+
+As the official `preprocess_data` (openrlhf/datasets/sft_dataset.py): the documents are the
+first list among "docs", "context", "content"; the answers come from the first of "answer"
+(a string), "answers" (a list), "golden_answers" (a list) holding that type (eval rows look
+at golden_answers first: every alias scores).
 
 Every record comes back normalised (see `normalise`), in file order, with its source
 `file:line`. Invalid lines raise `DataError` by default; with skip_invalid they are counted
@@ -85,17 +91,44 @@ def _texts(value: Any, path: str, line: int, field: str, allow_empty_items: bool
     return out
 
 
+# The official `preprocess_data` (openrlhf/datasets/sft_dataset.py) takes the first of these
+# keys whose value has its type: "answer" a string, "answers" a list, "golden_answers" a list.
+ANSWER_TYPES = {"answer": str, "answers": list, "golden_answers": list}
+# ... and the documents from the first of these that holds a list.
+DOC_KEYS = ("docs", "context", "content")
+
+
 def _answers(rec: dict, path: str, line: int, prefer_golden: bool = False) -> list[str]:
+    """The record's answers (first = target), from the first key of ANSWER_KEYS (reversed
+    with prefer_golden) whose value has the official type; DataError naming the first key
+    present with another type, or "answer" when none is present."""
     keys = ANSWER_KEYS[::-1] if prefer_golden else ANSWER_KEYS
     for key in keys:
-        if key in rec:
+        if isinstance(rec.get(key), ANSWER_TYPES[key]):
             value = rec[key]
-            values = [value] if isinstance(value, str) else value
-            texts = _texts(values, path, line, key)
+            texts = _texts([value] if isinstance(value, str) else value, path, line, key)
             if not texts:
                 raise DataError(path, line, key, "has no answer")
             return texts
+    for key in keys:
+        if key in rec:
+            kind = "a string" if ANSWER_TYPES[key] is str else "a list of strings"
+            raise DataError(path, line, key, f"expected {kind}, got {type(rec[key]).__name__}")
     raise DataError(path, line, "answer", f"missing (one of {ANSWER_KEYS} is required)")
+
+
+def _docs(rec: dict, path: str, line: int) -> list[str]:
+    """The record's documents: the first of DOC_KEYS holding a list (as officially); DataError
+    naming the first key present otherwise, or "docs" when none is."""
+    key = next((k for k in DOC_KEYS if isinstance(rec.get(k), list)), None)
+    if key is None:
+        key = next((k for k in DOC_KEYS if k in rec), None)
+        if key is None:
+            raise DataError(path, line, "docs", f"missing (one of {DOC_KEYS} is required)")
+    docs = _texts(rec[key], path, line, key)
+    if not docs:
+        raise DataError(path, line, key, "has no document")
+    return docs
 
 
 def normalise(rec: Any, fmt: str, path: str, line: int, *, k: int | None = None,
@@ -129,16 +162,13 @@ def normalise(rec: Any, fmt: str, path: str, line: int, *, k: int | None = None,
             out["prompt"] = prompt
         return out
     if fmt == "pretrain":
-        kind = rec.get("data_type")
+        kind = rec.get("data_type", "qa")   # the official default
         if kind not in ("qa", "paraphrase"):
             raise DataError(path, line, "data_type", f"must be 'qa' or 'paraphrase', got {kind!r}")
-        for key in ("question", "answers", "docs"):
-            if key not in rec:
-                raise DataError(path, line, key, "missing")
-        docs = _texts(rec["docs"], path, line, "docs")
-        if not docs:
-            raise DataError(path, line, "docs", "has no document")
-        answers = _texts(rec["answers"], path, line, "answers")
+        if kind == "qa" and "question" not in rec:
+            raise DataError(path, line, "question", "missing")
+        docs = _docs(rec, path, line)
+        answers = _answers(rec, path, line)
         if kind == "qa":
             questions = _texts(rec["question"], path, line, "question")
             if not questions:
@@ -147,21 +177,16 @@ def normalise(rec: Any, fmt: str, path: str, line: int, *, k: int | None = None,
                 raise DataError(path, line, "answers", f"{len(answers)} answers for "
                                 f"{len(questions)} questions")
         else:
+            # The official code ignores a paraphrase record's question.
             questions = _texts(rec["question"], path, line, "question", allow_empty_items=True) \
-                if isinstance(rec["question"], list) else []
-            if not answers:
-                raise DataError(path, line, "answers", "paraphrase record has no target")
+                if isinstance(rec.get("question"), list) else []
         return {"data_type": kind, "questions": questions, "answers": answers, "docs": docs,
                 "source": source}
 
     if "question" not in rec:
         raise DataError(path, line, "question", "missing")
     question = _text(rec["question"], path, line, "question")
-    if "docs" not in rec:
-        raise DataError(path, line, "docs", "missing")
-    docs = _texts(rec["docs"], path, line, "docs")
-    if not docs:
-        raise DataError(path, line, "docs", "has no document")
+    docs = _docs(rec, path, line)
     expected = k if fmt == "instruct" else num_candidates
     if expected is not None and len(docs) != expected:
         what = "k" if fmt == "instruct" else "num_candidates"

@@ -44,6 +44,7 @@ class FeatureSpec:
     k: int                     # documents in the prompt
     num_candidates: int = 0    # stage 3 / eval: candidates per question
     query_max_length: int = 0  # stage 3: query encoder text length (0 -> doc_max_length)
+    sep: bool = True           # memory-slot stride n + 1 (n without; prompts.build_decoder_batch)
 
     def __post_init__(self):
         if self.stage not in FEATURE_STAGES:
@@ -86,7 +87,7 @@ class Featurize(grain.transforms.Map):
         else:
             pair = prompts.answer_strings(tok, rec["question"], rec["answers"][0], spec.k)
         try:
-            dec = prompts.build_decoder_batch(tok, [pair], spec.k, spec.max_len)
+            dec = prompts.build_decoder_batch(tok, [pair], spec.k, spec.max_len, sep=spec.sep)
         except ValueError as e:
             raise ValueError(f"{rec['source']}: {e}") from None
         if not (dec.labels[0] != prompts.IGNORE_INDEX).any():

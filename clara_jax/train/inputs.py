@@ -100,7 +100,7 @@ def feature_spec(c: ml_collections.ConfigDict, n_mem: int, k_instruct: int
     k = {"pretrain": c.pretrain_k, "instruct": k_instruct}.get(c.stage, c.generation_top_k)
     return pipeline.FeatureSpec(stage=c.stage, doc_max_length=c.doc_max_length, n_mem=n_mem,
                                 max_len=c.max_len, k=k, num_candidates=c.num_candidates,
-                                query_max_length=c.query_max_length)
+                                query_max_length=c.query_max_length, sep=c.sep)
 
 
 def stage_data(c: ml_collections.ConfigDict, files: dict[str, str], tok: ClaraTokenizer,

@@ -44,7 +44,8 @@ FREE_FIELDS = ("total_steps", "log_every", "eval_every", "eval_batches", "checkp
                "peak_flops", "compiled_step", "remat_policy", "scan_layers", "attention_impl",
                "mesh.dcn_data", "mesh.data", "mesh.fsdp", "mesh.tensor",
                "max_skipped_fraction", "divergence.zero_grad_rows", "divergence.chance_rows",
-               "divergence.chance_tolerance", "divergence.max_abs_param")
+               "divergence.chance_tolerance", "divergence.max_abs_param",
+               "adopt_checkpoint_config")
 ABSENT = "<unset>"
 
 

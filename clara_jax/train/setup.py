@@ -29,7 +29,7 @@ from clara_jax.data import pipeline
 from clara_jax.model.config import MistralConfig, preset
 from clara_jax.model.lora import LoraConfig
 from clara_jax.model.mistral import Mistral, init_params, parameter_shardings
-from clara_jax.train import base_lm, compiled_step, inputs
+from clara_jax.train import base_lm, compiled_step, init_config, inputs
 from clara_jax.train import step as step_lib
 from clara_jax.train.optim import learning_rate_schedule, make_optimizer
 from clara_jax.train.compiled_step import with_sharding
@@ -107,6 +107,8 @@ def validate_config(c: ml_collections.ConfigDict, n_devices: int | None = None) 
         bad("peak_flops", f"must be >= 0 (FLOP/s per device; 0 = unknown), got {c.peak_flops}")
     if c.init_from and not os.path.exists(c.init_from):
         bad("init_from", f"{c.init_from} does not exist")
+    # A CLaRa checkpoint's compression, memory tokens, stride and rank against the run's.
+    init_config.check(c)
     if c.stage == "end_to_end" and c.get("end_to_end", {}).get("cache_candidates", False):
         if c.optimize_mem_tokens:
             bad("end_to_end.cache_candidates", "the memory-token embeddings train "

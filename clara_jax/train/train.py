@@ -34,7 +34,8 @@ from clara_jax.clara.model import Clara
 from clara_jax.clara.tokenizer import ClaraTokenizer
 from clara_jax.data import pipeline
 from clara_jax.errors import DivergenceError, Preempted
-from clara_jax.train import base_lm, candidate_cache, compiled_step, divergence, inputs
+from clara_jax.train import (base_lm, candidate_cache, compiled_step, divergence, init_config,
+                             inputs)
 from clara_jax.train import step as step_lib
 from clara_jax.train import resume
 from clara_jax.train.checkpoint import Checkpointer, saved_steps
@@ -47,6 +48,7 @@ __all__ = ["train", "evaluate_loss", "export_model"]
 
 def train(c: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs (or resumes) a training run; returns the final summary (also in summary.json)."""
+    c = init_config.adopt(c)   # config.adopt_checkpoint_config: init_from's CLaRa fields
     validate_config(c)
     record = resume.check_config(c, workdir)   # refuses a changed run before anything is built
     mesh = parallel.mesh_from_config(c.mesh)
