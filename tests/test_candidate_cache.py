@@ -150,6 +150,9 @@ def test_short_stage3_run_with_the_cache(tmp_path):
     summary = train_lib.train(c, str(tmp_path))
     assert summary["steps"] == 2 and np.isfinite(summary["last"]["loss"])
     assert np.isfinite(summary["last"]["eval_loss"])
+    # the official recall@j of the step's top-k (k = 2), in the train and eval rows
+    assert {"recall@1", "recall@2", "n_with_pos", "eval_recall@1", "eval_recall@2"} <= set(
+        summary["last"]) and 0 <= summary["last"]["recall@2"] <= 1
     meta = json.load(open(tmp_path / "candidate_cache" / "meta.json"))
     assert meta["complete"] and meta["n_mem"] == 4
     records = [json.loads(l) for l in open(tmp_path / "data" / "end_to_end_train.jsonl")]

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from clara_jax.clara import prompts
@@ -17,6 +18,7 @@ from clara_jax.clara.config import ClaraConfig
 from clara_jax.clara.model import Clara
 from clara_jax.clara.tokenizer import ClaraTokenizer, train_sentencepiece
 from clara_jax.data.formats import read_jsonl
+from clara_jax.data.pipeline import FeatureSpec, featurize_batch
 from clara_jax.data.synthetic import generate_corpus
 from clara_jax.eval import evaluate as ev
 from clara_jax.eval.metrics import (accuracy, answer_scores, exact_match, f1_score,
@@ -24,6 +26,10 @@ from clara_jax.eval.metrics import (accuracy, answer_scores, exact_match, f1_sco
 from clara_jax.model.config import preset
 from clara_jax.model.lora import LoraConfig
 from clara_jax.model.mistral import Mistral, init_params
+from clara_jax.train import inputs as train_inputs
+from clara_jax.train import step as step_lib
+from clara_jax.train.metrics import Meter, recall_widths, retrieval_recall
+from clara_jax.train.train import evaluate_loss
 
 # -- metrics ---------------------------------------------------------------------------------
 
@@ -60,6 +66,25 @@ def test_exact_match_f1_and_accuracy_hand_worked():
     assert accuracy("", "Paris") == 0.0
     assert accuracy("anything", "The") == 1.0  # a gold that normalises to nothing
     assert accuracy("True", "yes") == 1.0
+
+
+def test_normalisation_cases_that_tell_implementations_apart():
+    """Cases where a SQuAD-style or Unicode-aware normaliser would differ from the official
+    `evaluation/evaluate.py` one (ASCII string.punctuation, articles after punctuation,
+    exact-string True/False mapping before normalising, yes/no rule after it)."""
+    assert normalize_answer("“Paris” — France") == "“paris” — france"  # not ASCII: kept
+    assert normalize_answer("a.k.a. Bob") == "aka bob"  # punctuation first: "a" is not a word
+    assert normalize_answer("The-end of an era") == "theend of era"
+    assert normalize_answer("Ünïcode\u00a0Text") == "ünïcode text"  # str.split whitespace
+    assert exact_match(" True", "yes") == 0.0  # the mapping wants the exact string
+    assert exact_match("True", "True.") == 0.0  # "yes" vs "true"
+    assert f1_score("Yes.", "yes") == 1.0  # the yes/no rule reads the normalised strings
+    assert f1_score("Yes, he did", "yes") == 0.0
+    assert f1_score("the the cat", "cat cat") == pytest.approx(2 / 3)  # "cat" vs "cat cat"
+    # Shared tokens count by multiset: 1 of "cat cat dog" (p 1/3, r 1) -> 0.5.
+    assert f1_score("a cat cat dog", "cat") == pytest.approx(0.5)
+    assert accuracy("cat", "cat cat") == 1.0 and accuracy("a cat", "the cat") == 1.0
+    assert accuracy("False", "no") == 1.0 and accuracy("false", "no") == 0.0
 
 
 def test_answer_scores_first_gold_and_max_over_aliases():
@@ -157,15 +182,20 @@ def test_baseline_prompt_strings(world):
     assert gen.input_ids[0][gen.attention_mask[0] == 1].tolist() == tok.encode(closed)
 
 
-def _brute_force_retrieval(preds, ks=(1, 3, 5)):
+def _brute_force_retrieval(preds, top_k, ks=(1, 3, 5)):
+    """The official recall / precision over the top_k list (`calculate_stage2_metrics` on
+    `topk_idx` of width generation_top_k) and recall over the whole ranking."""
     out = {}
     for k in ks:
-        rec, prec = [], []
+        rec, prec, rank = [], [], []
         for p in preds:
-            hits = len(set(p["topk"][:k]) & set(p["pos_index"]))
+            hits = len(set(p["topk"][:top_k][:k]) & set(p["pos_index"]))
             rec.append(hits / len(p["pos_index"]) if p["pos_index"] else 0.0)
             prec.append(hits / k)
+            rank.append(len(set(p["topk"][:k]) & set(p["pos_index"])) / len(p["pos_index"])
+                        if p["pos_index"] else 0.0)
         out[f"recall@{k}"], out[f"precision@{k}"] = np.mean(rec), np.mean(prec)
+        out[f"ranking_recall@{k}"] = np.mean(rank)
     return out
 
 
@@ -200,8 +230,10 @@ def test_evaluate_every_mode_and_setting(world):
             assert all(p["topk"] == [] and p["selected"] == [] for p in preds)
             continue
         assert summary["truncated_docs"] == n_cut and summary["distinct_docs"] == len(all_docs)
-        for key, value in _brute_force_retrieval(preds).items():
+        for key, value in _brute_force_retrieval(preds, top_k).items():
             assert summary[key] == pytest.approx(value), (mode, setting, key)
+        # The official list is the generator's top_k = 3: recall@5 stops there.
+        assert summary["recall@5"] == summary["recall@3"]
         for p, r in zip(preds, records):
             assert len(p["topk"]) == min(len(r["docs"]), 5)
             assert len(p["selected"]) == top_k
@@ -228,6 +260,161 @@ def test_evaluate_every_mode_and_setting(world):
     assert direct.texts == [p["prediction"] for p in normal]
 
 
+def test_first_and_gold_settings_read_file_order_without_ranking(world):
+    """The official stage1 / stage1_2 evaluation (`first`: docs[:top_k] as they stand) and
+    its gold-guaranteed variant (`gold`): no query reasoner, no retrieval metric, only the
+    documents read are compressed; compressed + first is `Clara.generate_from_text` on the
+    first top_k documents."""
+    model, records = world["model"], world["records"]
+    top_k = 3
+    assert any(max(r["pos_index"]) >= top_k for r in records)  # gold differs from first
+    for mode in ("compressed", "full_text"):
+        for setting in ("first", "gold"):
+            summary, preds = ev.evaluate(model, records, mode=mode, setting=setting,
+                                         top_k=top_k, batch_size=5, max_new_tokens=4)
+            assert summary["setting"] == setting and summary["max_new_tokens"] == 4
+            assert not any(k.startswith(("recall@", "ranking_recall@", "precision@"))
+                           for k in summary), summary
+            read = set()
+            for p, r in zip(preds, records):
+                assert p["topk"] == []
+                gold = sorted(set(r["pos_index"]))
+                if setting == "first":
+                    assert p["selected"] == list(range(top_k))
+                else:
+                    rest = [j for j in range(len(r["docs"])) if j not in gold]
+                    assert p["selected"] == sorted(gold + rest[:top_k - len(gold)])
+                read |= {r["docs"][j] for j in p["selected"]}
+            assert summary["distinct_docs"] == (len(read) if mode == "compressed" else 0)
+            if (mode, setting) == ("compressed", "first"):
+                direct = model.generate_from_text([r["question"] for r in records],
+                                                  [r["docs"][:top_k] for r in records],
+                                                  max_new_tokens=4)
+                assert direct.texts == [p["prediction"] for p in preds]
+
+
+def test_official_settings_per_stage_and_default_max_new_tokens(world):
+    """`--stage` of the official evaluate.py -> (setting, max_new_tokens, top_k): stage1 /
+    stage1_2 read docs[:5] with the default 128 new tokens, stage2 generate_from_questions
+    with 64; our stage names mean the same; None takes the setting's official value."""
+    for stage, ours in (("stage1", "pretrain"), ("stage1_2", "instruct"),
+                        ("stage2", "end_to_end")):
+        assert ev.official_settings(stage) == ev.official_settings(ours)
+    assert ev.official_settings("stage1") == {"setting": "first", "max_new_tokens": 128,
+                                              "top_k": 5}
+    assert ev.official_settings("stage2") == {"setting": "normal", "max_new_tokens": 64,
+                                              "top_k": 5}
+    assert ev.OFFICIAL_MAX_NEW_TOKENS == {"first": 128, "gold": 128, "normal": 64,
+                                          "oracle": 64}
+    with pytest.raises(ValueError, match="stage: unknown 'stage3'"):
+        ev.official_settings("stage3")
+    summary, _ = ev.evaluate(world["model"], world["records"][:1], mode="closed_book",
+                             setting="gold", batch_size=1)
+    assert summary["max_new_tokens"] == 128
+    with pytest.raises(ValueError, match="max_new_tokens must be positive"):
+        ev.evaluate(world["model"], world["records"][:1], mode="closed_book", max_new_tokens=0)
+    # The CLI: --stage fills what is not given explicitly.
+    assert ev.resolve_settings("stage1_2") == {"setting": "first", "top_k": 5,
+                                               "max_new_tokens": 128}
+    assert ev.resolve_settings("end_to_end", top_k=3) == {"setting": "normal", "top_k": 3,
+                                                          "max_new_tokens": 64}
+    assert ev.resolve_settings("stage1", setting="gold", max_new_tokens=7) == {
+        "setting": "gold", "top_k": 5, "max_new_tokens": 7}
+    assert ev.resolve_settings() == {"setting": "normal", "top_k": 5, "max_new_tokens": 64}
+    assert ev.resolve_settings(setting="first")["max_new_tokens"] == 128
+    with pytest.raises(ValueError, match="setting: unknown 'best'"):
+        ev.resolve_settings(setting="best")
+
+
+# -- recall@k in the training metrics ---------------------------------------------------------
+
+
+def test_retrieval_recall_hand_worked_in_graph():
+    """Per row |topk[:j] ∩ positives| / |positives|, averaged over the rows with positives
+    (the official trainer skips the others); j = 1, 3, 5 up to k, and k."""
+    top = jnp.array([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [1, 0, 2, 3, 4]])
+    pos = np.zeros((3, 12), np.int32)
+    pos[0, 1] = 1            # hit at rank 2: recall@1 0, @3 1, @5 1
+    pos[1, [2, 9]] = 1       # one of two at rank 5: 0, 0, 0.5
+    m = jax.jit(retrieval_recall)(top, jnp.asarray(pos))   # row 2: no positives, left out
+    assert float(m["n_with_pos"]) == 2
+    assert float(m["recall@1"]) == 0.0
+    assert float(m["recall@3"]) == pytest.approx(0.5)
+    assert float(m["recall@5"]) == pytest.approx(0.75)
+    assert recall_widths(5) == [1, 3, 5] and recall_widths(2) == [1, 2]
+    assert recall_widths(1) == [1] and recall_widths(8) == [1, 3, 5, 8]
+    m = retrieval_recall(top[:, :2], jnp.asarray(pos))
+    assert set(m) == {"n_with_pos", "recall@1", "recall@2"}
+    m = retrieval_recall(top, jnp.zeros((3, 12), jnp.int32))
+    assert float(m["n_with_pos"]) == 0 and float(m["recall@1"]) == 0.0
+
+
+def test_split_batch_keeps_pos_mask_for_the_ranking_stages():
+    batch = {"prompt_ids": np.zeros((2, 4)), "pos_mask": np.ones((2, 3)),
+             "truncated_docs": np.zeros(2), "truncated_prompt": np.zeros(2)}
+    for stage in ("end_to_end", "retrieval_pretrain"):
+        step_batch, extras = train_inputs.split_batch(batch, stage)
+        assert "pos_mask" in step_batch and set(extras) == {"truncated_docs",
+                                                            "truncated_prompt"}
+    for stage in ("pretrain", "instruct"):
+        assert "pos_mask" not in train_inputs.split_batch(batch, stage)[0]
+
+
+def test_end_to_end_step_reports_the_official_recall_on_a_crafted_batch(world):
+    """The stage-3 train step on a tiny model: recall@1 / recall@3 (k = 3) from the step's
+    own topk_indices against a pos_mask crafted around them, and in the log row."""
+    model, records = world["model"], world["records"][:3]
+    cfg = model.config
+    spec = FeatureSpec("eval", cfg.doc_max_length, cfg.n_mem, max_len=192,
+                       k=cfg.generation_top_k, num_candidates=10)
+    batch, _ = train_inputs.split_batch(featurize_batch(records, world["tok"], spec),
+                                        "end_to_end")
+    batch = {k: jnp.asarray(v) for k, v in batch.items() if k != "index"}
+    tx = optax.sgd(0.0)   # the state stays as it is: both calls see the same model
+    state = step_lib.create_train_state(model.params, model.adapters, "end_to_end", tx,
+                                        jax.random.key(0))
+    train_step = jax.jit(step_lib.make_train_step(model.model, cfg, "end_to_end", tx,
+                                                  dropout=False))
+    batch["pos_mask"] = jnp.zeros((3, 10), jnp.int32)
+    _, metrics = train_step(state, batch)
+    assert float(metrics["n_with_pos"]) == 0.0
+    top = np.asarray(metrics["topk_indices"])
+    assert top.shape == (3, 3)
+    pos = np.zeros((3, 10), np.int32)
+    pos[0, top[0, 0]] = 1
+    pos[0, [j for j in range(10) if j not in top[0]][0]] = 1   # a positive not retrieved
+    pos[2, top[2, 2]] = 1                                       # row 1: no positives
+    batch["pos_mask"] = jnp.asarray(pos)
+    # row 0: 1 of 2 at rank 1 -> 0.5, 0.5; row 2: its one positive at rank 3 -> 0, 1.
+    expected = {"recall@1": 0.25, "recall@3": 0.75, "n_with_pos": 2.0}
+    _, train_metrics = train_step(state, batch)
+    np.testing.assert_array_equal(np.asarray(train_metrics["topk_indices"]), top)
+    assert {k: float(train_metrics[k]) for k in expected} == pytest.approx(expected)
+    # The eval step adds the same keys (`step.with_recall`).
+    assert set(step_lib.with_recall({"topk_indices": jnp.asarray(top)}, batch)) == {
+        "topk_indices", *expected}
+    row = Meter(3, 3, 0.0).row(1, jax.device_get(train_metrics))
+    assert row["recall@1"] == pytest.approx(0.25) and row["recall@3"] == pytest.approx(0.75)
+
+
+def test_log_rows_and_eval_means_of_recall():
+    """A log row leaves recall out when no row had positives (as the official trainer);
+    the eval mean weights each batch's recall by its rows with positives."""
+    row = Meter(2, 2, 0.0).row(1, {"loss": np.float32(1.0), "recall@1": np.float32(0.0),
+                                   "n_with_pos": np.float32(0.0)})
+    assert "recall@1" not in row and "n_with_pos" not in row and row["loss"] == 1.0
+    outs = iter([{"loss": 2.0, "recall@1": 1.0, "n_with_pos": 1.0},
+                 {"loss": 4.0, "recall@1": 0.0, "n_with_pos": 3.0},
+                 {"loss": 6.0, "recall@1": 0.0, "n_with_pos": 0.0}])
+    batches = [{"pos_mask": np.zeros((1, 2))}] * 3
+    ev_row = evaluate_loss(lambda state, b: next(outs), None, batches, 5, lambda b: b,
+                           "end_to_end")
+    assert ev_row == {"loss": pytest.approx(4.0), "recall@1": pytest.approx(0.25)}
+    outs = iter([{"loss": 1.0, "recall@1": 0.0, "n_with_pos": 0.0}])
+    assert evaluate_loss(lambda state, b: next(outs), None, batches[:1], 5, lambda b: b,
+                         "end_to_end") == {"loss": 1.0}
+
+
 def test_baselines_use_the_named_adapter(world):
     model, records = world["model"], world["records"][:5]
     qs = [r["question"] for r in records]
@@ -250,6 +437,9 @@ def test_baselines_use_the_named_adapter(world):
      r"records\[3\].*pos_index: the oracle setting needs gold"),
     (lambda r: r[3].update(pos_index=[0, 1, 2, 3]), "full_text", "oracle", 3,
      r"records\[3\].*4 gold documents do not fit in top_k=3"),
+    (lambda r: r[4].update(pos_index=[]), "full_text", "gold", 3,
+     r"records\[4\].*pos_index: the gold setting needs gold"),
+    (lambda r: None, "compressed", "reranked", 3, "setting: unknown 'reranked'"),
     (lambda r: r[5].pop("answers"), "closed_book", "normal", 3, r"records\[5\].*answer: missing"),
     (lambda r: None, "retrieval", "normal", 3, "mode: unknown"),
 ])
@@ -266,7 +456,8 @@ def test_cli_writes_predictions_and_summary(world, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "clara_jax.evaluate", f"--checkpoint={ckpt}",
-         f"--data={world['root'] / 'data' / 'eval.jsonl'}", "--mode=all", "--setting=oracle",
+         f"--data={world['root'] / 'data' / 'eval.jsonl'}", "--mode=all", "--stage=stage2",
+         "--setting=oracle",
          "--top_k=2", "--limit=3", "--batch_size=4", "--max_new_tokens=3", f"--out_dir={out}"],
         capture_output=True, text=True, timeout=300,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -279,5 +470,7 @@ def test_cli_writes_predictions_and_summary(world, tmp_path):
         assert len(lines) == 3
         summary = json.loads((out / mode / "summary.json").read_text())
         assert summary["n"] == 3 and summary["setting"] == "oracle"
+        assert (summary["stage"], summary["top_k"], summary["max_new_tokens"]) == (
+            "stage2", 2, 3)   # explicit flags over the stage's official ones
         assert summary == combined[mode]
     assert "recall@1" in combined["compressed"]

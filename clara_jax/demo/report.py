@@ -68,7 +68,9 @@ class Table:
         summary, preds = result
         row = {"system": system, "rate": rate, "setting": setting, "stage": stage,
                **{k: summary.get(k) for k in ("em", "f1", "acc", "em_max", "f1_max",
-                                                "recall@1", "recall@5", "n")}}
+                                                "recall@1", "n")},
+               # the query reasoner's top 5 (its official recall@5 stops at top_k = 1)
+               "recall@5": summary.get("ranking_recall@5")}
         self.rows.append(row)
         key = f"{system}/{rate}/{setting}/{stage}"
         self.per_question[f"{key}/em"] = [float(p["em"]) for p in preds]

@@ -6,27 +6,41 @@ Modes (what the generator reads):
                `prompts.full_text_string`)
   closed_book  no documents (`prompts.closed_book_string`)
 
-Settings (which documents are selected, for compressed and full_text):
+Settings (which documents the generator reads, for compressed and full_text):
+  first   the first top_k documents of each record in file order, no ranking: the official
+          stage1 / stage1_2 evaluation (`evaluation/evaluate.py --stage stage1|stage1_2`:
+          `docs[:5]`, compressed and answered as `generate_from_text` does). With the
+          official `eval_processed_with_pos.jsonl` (`--gold_retrieval`) its first 5 documents
+          hold the positives.
+  gold    `first` with the gold documents guaranteed: every `pos_index` document plus the
+          earliest non-gold ones, top_k in all, in file order; no ranking. The gold-retrieval
+          input for records that carry `pos_index` (the README's Oracle, "gold document
+          included") on a stage1 / stage1_2 model.
   normal  the query reasoner ranks each record's N candidates by cosine in the compressed space
-          (`Clara.retrieve`) and the top_k go to the generator, best first (as
-          `Clara.generate_from_questions`).
-  oracle  the gold documents are guaranteed to be among the top_k: all of `pos_index`, filled
-          up to top_k with the query reasoner's best non-gold candidates, in the query
-          reasoner's order. Why: the official README defines Oracle as "gold document
-          included" in the top-5 the generator reads; its script gets it from data files
-          (`eval_processed_with_pos.jsonl`, `--gold_retrieval`) whose first 5 documents
-          include the positives (stage 1 evaluation) or whose candidates do (stage 2). Our
-          records carry `pos_index`, so the guarantee is applied directly; filling and ordering
-          by the query reasoner keeps the selection deterministic and otherwise the same as
-          normal. A record without positives, or with more than top_k, is an error.
+          (`Clara.retrieve`) and the top_k go to the generator, best first: the official
+          stage2 evaluation (`--stage stage2`, `generate_from_questions` over all candidates).
+  oracle  `normal` with the gold documents guaranteed: all of `pos_index`, filled up to top_k
+          with the query reasoner's best non-gold candidates, in the query reasoner's order.
+          (A model without an encoder reads the `gold` selection here.)
+  In gold and oracle a record without positives, or with more than top_k, is an error.
 
-The query reasoner's ranking is computed in both settings (for compressed and full_text), and
-Recall@k / Precision@k (k = 1, 3, 5) of it are reported when any record has `pos_index`
-(`metrics.retrieval_scores`; rows without positives count 0 as officially, `*_pos` keys average
-over the rows that have them). Every distinct candidate text is compressed once per call.
-Documents longer than the encoder window (doc_max_length tokens) are cut, as the official
-encoder does; full_text mode gives the generator exactly the text the encoder saw, so the two
-modes read the same information. `truncated_docs` counts the distinct documents cut.
+`OFFICIAL` maps the official `--stage` names (and ours) to the official script's setting and
+max_new_tokens: 128 for stage1 / stage1_2 (the default of the official
+`generate_from_compressed_documents_and_questions`, which its stage-1 path calls without one),
+64 for stage2 (`generate_from_questions(..., max_new_tokens=64)`); max_new_tokens=None takes
+the setting's official value (`OFFICIAL_MAX_NEW_TOKENS`).
+
+In normal and oracle the query reasoner's ranking is computed (for compressed and full_text),
+and when any record has `pos_index` the summary has the official Recall@k / Precision@k
+(k = 1, 3, 5) over the generation_top_k list (the ranking's first top_k, the official
+`topk_idx`: so for k > top_k they equal the top_k values), and `ranking_recall@k` over the
+query reasoner's full ranking (`metrics.retrieval_scores`; rows without positives count 0 as
+officially, `*_pos` keys average over the rows that have them). first and gold rank nothing
+and report no retrieval metric (as officially for stage1). Every distinct document the
+generator or the ranking needs is compressed once per call (in first / gold only the selected
+ones). Documents longer than the encoder window (doc_max_length tokens) are cut, as the
+official encoder does; full_text mode gives the generator exactly the text the encoder saw, so
+the two modes read the same information. `truncated_docs` counts the distinct documents cut.
 """
 
 from __future__ import annotations
@@ -42,8 +56,16 @@ from clara_jax.clara.model import Clara
 from clara_jax.eval import metrics
 
 MODES = ("compressed", "full_text", "closed_book")
-SETTINGS = ("normal", "oracle")
+SETTINGS = ("first", "gold", "normal", "oracle")
+RANKED = ("normal", "oracle")  # the settings that run the query reasoner
 RETRIEVAL_KS = (1, 3, 5)
+OFFICIAL_MAX_NEW_TOKENS = {"first": 128, "gold": 128, "normal": 64, "oracle": 64}
+# The official evaluation per stage (its `--stage` names and ours): setting, max_new_tokens,
+# top_k (`--generation_top_k` default 5; stage1 reads `docs[:5]`).
+OFFICIAL = {"stage1": ("first", 128, 5), "stage1_2": ("first", 128, 5),
+            "stage2": ("normal", 64, 5)}
+OFFICIAL.update(pretrain=OFFICIAL["stage1"], instruct=OFFICIAL["stage1_2"],
+                end_to_end=OFFICIAL["stage2"])
 GOLD_KEYS = ("golden_answers", "answers", "answer")  # the official script prefers golden_answers
 
 
@@ -98,9 +120,10 @@ def validate_records(records: Sequence[dict], *, mode: str, setting: str, top_k:
         pos = rec.get("pos_index") or []
         if not all(isinstance(p, int) and 0 <= p < len(docs) for p in pos):
             raise ValueError(f"{where}: pos_index: {pos} not indices into {len(docs)} docs")
-        if setting == "oracle":
+        if setting in ("gold", "oracle"):
             if not pos:
-                raise ValueError(f"{where}: pos_index: the oracle setting needs gold documents")
+                raise ValueError(f"{where}: pos_index: the {setting} setting needs gold "
+                                 f"documents")
             if len(set(pos)) > top_k:
                 raise ValueError(f"{where}: pos_index: {len(set(pos))} gold documents do not "
                                  f"fit in top_k={top_k}")
@@ -152,45 +175,92 @@ def _pad(items: list, size: int) -> list:
     return items + [items[-1]] * (size - len(items))
 
 
+def official_settings(stage: str) -> dict[str, Any]:
+    """The official evaluation of a stage (`--stage` of `evaluation/evaluate.py`: stage1,
+    stage1_2, stage2, or ours: pretrain, instruct, end_to_end) as evaluate's keyword
+    arguments {setting, max_new_tokens, top_k}; ValueError naming the known ones."""
+    if stage not in OFFICIAL:
+        raise ValueError(f"stage: unknown {stage!r}; known: {tuple(OFFICIAL)}")
+    setting, max_new_tokens, top_k = OFFICIAL[stage]
+    return {"setting": setting, "max_new_tokens": max_new_tokens, "top_k": top_k}
+
+
+def resolve_settings(stage: str | None = None, setting: str | None = None,
+                     top_k: int | None = None, max_new_tokens: int | None = None
+                     ) -> dict[str, Any]:
+    """{setting, top_k, max_new_tokens}: the given values, the rest from `stage`'s official
+    evaluation (`official_settings`), or without a stage setting normal, top_k 5 and the
+    setting's official max_new_tokens."""
+    official = official_settings(stage) if stage else {"setting": "normal", "top_k": 5}
+    setting = setting or official["setting"]
+    if setting not in SETTINGS:
+        raise ValueError(f"setting: unknown {setting!r}; known: {SETTINGS}")
+    return {"setting": setting,
+            "top_k": official["top_k"] if top_k is None else top_k,
+            "max_new_tokens": (official.get("max_new_tokens", OFFICIAL_MAX_NEW_TOKENS[setting])
+                               if max_new_tokens is None else max_new_tokens)}
+
+
+def select_unranked(setting: str, n_docs: int, pos_index: Sequence[int], top_k: int
+                    ) -> list[int]:
+    """The documents of a setting without the query reasoner, in file order: `first` the
+    first top_k; `gold` (and `oracle` on a model without encoder) every gold one plus the
+    earliest non-gold ones, top_k in all."""
+    if setting == "first":
+        return list(range(top_k))
+    return oracle_selection(range(n_docs), pos_index, top_k)
+
+
 def evaluate(model: Clara, records: list[dict], *, mode: str = "compressed",
              setting: str = "normal", top_k: int = 5, batch_size: int = 16,
-             max_new_tokens: int = 32, adapter: str | None = "decoder"
+             max_new_tokens: int | None = None, adapter: str | None = "decoder"
              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Answers every record and scores it (greedy decoding).
 
     records: `eval` rows as `formats.read_jsonl(path, "eval")` returns them (question, docs
     [N candidates], answers / golden_answers / answer, optional pos_index). adapter: the
     generator's adapter (None = the base model alone; baselines trained on the base use None).
+    max_new_tokens: None = the setting's official value (`OFFICIAL_MAX_NEW_TOKENS`).
     Batches of batch_size records (the last one padded) keep shapes static.
 
-    Returns (summary, predictions). summary: mode, setting, top_k, n, em / f1 / acc (first
-    gold, official) and *_max (best alias), avg_output_length (words, as officially), the
-    retrieval keys of `metrics.retrieval_scores` (compressed / full_text with positives),
-    truncated_docs, distinct_docs, seconds, examples_per_second. predictions: one dict per
-    record: index, question, prediction, golds, em, f1, acc, topk (the query reasoner's ranking,
-    first min(N, max(top_k, 5))), selected (the indices given to the generator, in prompt
-    order), pos_index.
+    Returns (summary, predictions). summary: mode, setting, top_k, max_new_tokens, n, em / f1
+    / acc (first gold, official) and *_max (best alias), avg_output_length (words, as
+    officially), the retrieval keys (normal / oracle, compressed / full_text, with positives:
+    `metrics.retrieval_scores` over the top_k list, and ranking_recall@k over the whole
+    ranking), truncated_docs, distinct_docs, seconds, examples_per_second. predictions: one
+    dict per record: index, question, prediction, golds, em, f1, acc, topk (the query
+    reasoner's ranking, first min(N, max(top_k, 5)); [] in first / gold), selected (the
+    indices given to the generator, in prompt order), pos_index.
     """
     validate_records(records, mode=mode, setting=setting, top_k=top_k)
+    if max_new_tokens is None:
+        max_new_tokens = OFFICIAL_MAX_NEW_TOKENS[setting]
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     t0 = time.perf_counter()
     questions = [r["question"] for r in records]
     golds = [gold_answers(r, i) for i, r in enumerate(records)]
     pos = [sorted(set(r.get("pos_index") or [])) for r in records]
     uses_docs = mode != "closed_book"
-    # A model without an encoder (a base before any CLaRa stage) cannot rank candidates: it
-    # reads full text in the oracle setting, the gold documents filled up to top_k with the
-    # others in their given order, and reports no retrieval metric.
-    ranks = uses_docs and "encoder" in model.adapters
-    if uses_docs and not ranks and (mode == "compressed" or setting == "normal"):
+    # A model without an encoder (a base before any CLaRa stage) can neither compress nor
+    # rank: it reads full text in the gold selection (also for oracle), with no retrieval
+    # metric.
+    has_encoder = "encoder" in model.adapters
+    ranks = uses_docs and setting in RANKED and has_encoder
+    if uses_docs and not has_encoder and (mode == "compressed" or setting == "normal"):
         raise ValueError(f"mode {mode!r}, setting {setting!r} needs an encoder adapter (to "
                          f"compress or rank documents); this model has {sorted(model.adapters)}")
 
+    fixed: list[list[int]] = [[] for _ in records]   # the selection of unranked settings
+    if uses_docs and not ranks:
+        fixed = [select_unranked(setting, len(r["docs"]), p, top_k)
+                 for r, p in zip(records, pos)]
     row_of: dict[str, int] = {}
     states = None
     n_cut = 0
-    if ranks:
-        for r in records:
-            for d in r["docs"]:
+    if ranks or mode == "compressed":
+        for r, sel in zip(records, fixed):
+            for d in (r["docs"] if ranks else [r["docs"][j] for j in sel]):
                 row_of.setdefault(d, len(row_of))
         states, n_cut = compress_unique(model, list(row_of))
     compress_seconds = time.perf_counter() - t0
@@ -203,15 +273,12 @@ def evaluate(model: Clara, records: list[dict], *, mode: str = "compressed",
         idx = list(range(start, min(start + batch_size, len(records))))
         qs = _pad([questions[i] for i in idx], batch_size)
         rankings: list[list[int]] = [[] for _ in idx]
-        selected: list[list[int]] = [[] for _ in idx]
+        selected = [fixed[i] for i in idx]
         if ranks:
             rankings = _rank(model, [questions[i] for i in idx],
                              [records[i]["docs"] for i in idx], states, row_of)
             selected = [oracle_selection(rk, pos[i], top_k) if setting == "oracle" else rk[:top_k]
                         for i, rk in zip(idx, rankings)]
-        elif uses_docs:
-            selected = [oracle_selection(range(len(records[i]["docs"])), pos[i], top_k)
-                        for i in idx]
         if mode == "compressed":
             chosen = np.stack([states[[row_of[records[i]["docs"][j]] for j in sel]]
                                for i, sel in zip(idx, selected)])
@@ -242,11 +309,14 @@ def evaluate(model: Clara, records: list[dict], *, mode: str = "compressed",
 
     seconds = time.perf_counter() - t0
     summary: dict[str, Any] = {"mode": mode, "setting": setting, "top_k": top_k,
-                               "adapter": adapter}
+                               "max_new_tokens": max_new_tokens, "adapter": adapter}
     summary.update(metrics.answer_scores(texts, golds))
     summary["avg_output_length"] = float(np.mean([len(t.split()) for t in texts]))
     if ranks and any(pos):
-        summary.update(metrics.retrieval_scores(_topk_matrix(predictions), pos, RETRIEVAL_KS))
+        ranking = _topk_matrix(predictions)
+        summary.update(metrics.retrieval_scores(ranking[:, :top_k], pos, RETRIEVAL_KS))
+        full = metrics.retrieval_scores(ranking, pos, RETRIEVAL_KS)
+        summary.update({f"ranking_recall@{k}": full[f"recall@{k}"] for k in RETRIEVAL_KS})
     summary.update(truncated_docs=int(n_cut), distinct_docs=len(row_of),
                    compress_seconds=compress_seconds, seconds=seconds,
                    examples_per_second=len(records) / seconds)

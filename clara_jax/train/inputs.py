@@ -133,15 +133,19 @@ def at_least_one_batch(n: int, batch_size: int, files: str, role: str) -> None:
                         f"host), fewer than one batch of {batch_size}")
 
 
+RANKING_STAGES = ("end_to_end", "retrieval_pretrain")
+
+
 def split_batch(batch: dict, stage: str, candidates=None, record_rows=None
                 ) -> tuple[dict, dict]:
-    """A pipeline batch -> (what the step reads, host-side extras). Extras: the truncation
-    counts and `pos_mask` (for recall metrics). Only retrieval pretraining's loss reads
-    `pos_mask` itself; with the stage-3 candidate cache, candidate ids become `doc_index`."""
+    """A pipeline batch -> (what the step reads, host-side extras: the truncation counts).
+    `pos_mask` stays in the batch of the stages that rank candidates (end_to_end,
+    retrieval_pretrain: retrieval pretraining's loss reads it, and both steps compute recall@k
+    from it); with the stage-3 candidate cache, candidate ids become `doc_index`."""
     batch = dict(batch)
     extras = {key: batch.pop(key, 0) for key in ("truncated_docs", "truncated_prompt")}
-    extras["pos_mask"] = (batch.get("pos_mask") if stage == "retrieval_pretrain"
-                          else batch.pop("pos_mask", None))
+    if stage not in RANKING_STAGES:
+        batch.pop("pos_mask", None)
     if candidates is not None:
         batch = candidates.swap_in(batch, record_rows)
     batch.pop("index", None)

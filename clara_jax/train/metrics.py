@@ -1,5 +1,6 @@
-"""The loop's metrics: throughput and truncation counters between log rows, retrieval recall,
-MFU, and where rows go (`{workdir}/metrics.jsonl`, TensorBoard, a tqdm bar)."""
+"""The loop's metrics: throughput and truncation counters between log rows, retrieval recall
+(computed in the step, `retrieval_recall`), MFU, and where rows go (`{workdir}/metrics.jsonl`,
+TensorBoard, a tqdm bar)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -40,12 +42,12 @@ class Meter:
         self.flops += step_flops
         self.steps += 1
 
-    def row(self, done: int, metrics: dict, pos_mask: np.ndarray | None) -> dict:
-        """The log row after `done` steps: the step's scalar metrics (host values), rates
-        since the last row, the epoch's truncation counts, recall@1 / @k where there are
-        positives. Restarts the rates."""
+    def row(self, done: int, metrics: dict) -> dict:
+        """The log row after `done` steps: the step's scalar metrics (host values; recall@k
+        only when the batch had a row with positives, `drop_empty_recall`), rates since the
+        last row, the epoch's truncation counts. Restarts the rates."""
         elapsed = time.time() - self.t_last
-        row = {"step": done, **{k: float(v) for k, v in metrics.items()
+        row = {"step": done, **{k: float(v) for k, v in drop_empty_recall(metrics).items()
                                 if np.ndim(v) == 0 and k != "finite"},
                "steps_per_s": self.steps / elapsed,
                "tokens_per_s": self.tokens / elapsed,
@@ -54,8 +56,6 @@ class Meter:
                "epoch": self.epoch,
                "truncated_docs_epoch": self.truncated_docs,
                "truncated_prompts_epoch": self.truncated_prompts}
-        if pos_mask is not None and "topk_indices" in metrics:
-            row.update(retrieval_metrics(np.asarray(metrics["topk_indices"]), pos_mask))
         self.reset()
         return row
 
@@ -68,17 +68,40 @@ def mfu(model_flops_per_s: float, peak_flops_per_device: float) -> dict:
     return {"mfu": model_flops_per_s / (peak_flops_per_device * jax.device_count())}
 
 
-def retrieval_metrics(topk: np.ndarray, pos_mask: np.ndarray) -> dict:
-    """recall@1 and recall@k of the selected candidates topk [B, k] against pos_mask [B, N],
-    over the rows with a positive; {} when none has."""
-    has = pos_mask.sum(1) > 0
-    if not has.any():
-        return {}
-    hit1 = pos_mask[np.arange(len(topk)), topk[:, 0]] > 0
-    found = np.take_along_axis(pos_mask, topk, axis=1).sum(1)
-    recall_k = found / np.maximum(pos_mask.sum(1), 1)
-    return {"recall@1": float(hit1[has].mean()), f"recall@{topk.shape[1]}":
-            float(recall_k[has].mean())}
+RECALL_KS = (1, 3, 5)
+
+
+def recall_widths(k: int, ks: tuple[int, ...] = RECALL_KS) -> list[int]:
+    """The recall@j a top-k list reports: the official j in ks up to k, and k itself."""
+    return sorted({j for j in ks if j <= k} | {k})
+
+
+def retrieval_recall(topk: jax.Array, pos_mask: jax.Array) -> dict[str, jax.Array]:
+    """The official recall@j (`RetrievalMetrics.calculate_recall_and_precision` of the
+    official trainer): per row |topk[:j] ∩ positives| / |positives|, averaged over the rows
+    that have a positive; in-graph, static shapes (j in `recall_widths(k)`).
+
+    topk: [B, k] distinct candidate indices, best first; pos_mask: [B, N] (non-zero =
+    positive). Returns {"recall@j": mean, "n_with_pos": rows with a positive}; the means are
+    0 when no row has one (the loop then leaves them out, as officially)."""
+    pos = (pos_mask > 0).astype(jnp.float32)
+    hits = jnp.cumsum(jnp.take_along_axis(pos, topk.astype(jnp.int32), axis=1), axis=1)
+    n_pos = jnp.sum(pos, axis=1)
+    valid = (n_pos > 0).astype(jnp.float32)
+    rows = jnp.sum(valid)
+    out = {"n_with_pos": rows}
+    for j in recall_widths(topk.shape[1]):
+        per_row = hits[:, j - 1] / jnp.maximum(n_pos, 1.0)
+        out[f"recall@{j}"] = jnp.sum(per_row * valid) / jnp.maximum(rows, 1.0)
+    return out
+
+
+def drop_empty_recall(metrics: dict) -> dict:
+    """`metrics` without recall@j and n_with_pos when no row had a positive."""
+    if "n_with_pos" not in metrics or float(metrics["n_with_pos"]) > 0:
+        return metrics
+    return {k: v for k, v in metrics.items()
+            if not (k.startswith("recall@") or k == "n_with_pos")}
 
 
 class MetricsLog:

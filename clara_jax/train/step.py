@@ -28,6 +28,7 @@ import optax
 from clara_jax.clara import losses
 from clara_jax.clara.config import TRAINABLE_ADAPTERS, ClaraConfig, canonical_stage
 from clara_jax.model.mistral import Mistral
+from clara_jax.train.metrics import retrieval_recall
 
 
 @flax.struct.dataclass
@@ -116,6 +117,13 @@ def apply_if_finite(state: TrainState, grads: dict, loss: jax.Array,
     return keep(trainable, state.trainable), keep(opt_state, state.opt_state), grad_norm, finite
 
 
+def with_recall(metrics: dict, batch: dict) -> dict:
+    """metrics plus `retrieval_recall(topk_indices, pos_mask)` when both are there."""
+    if "topk_indices" in metrics and "pos_mask" in batch:
+        metrics.update(retrieval_recall(metrics["topk_indices"], batch["pos_mask"]))
+    return metrics
+
+
 def make_train_step(model: Mistral, cfg: ClaraConfig, stage: str,
                     tx: optax.GradientTransformation,
                     schedule: Callable[[jax.Array], jax.Array] | None = None,
@@ -123,7 +131,8 @@ def make_train_step(model: Mistral, cfg: ClaraConfig, stage: str,
     """Returns `train_step(state, batch) -> (state, metrics)` for a stage (jit it once).
 
     metrics: loss, ce_loss, mse_loss, grad_norm, learning_rate, finite (1.0 / 0.0), and
-    topk_indices [B, k] in stage 3.
+    topk_indices [B, k] in stage 3 and retrieval pretraining, with the official recall@j and
+    n_with_pos (`with_recall`) when the batch carries pos_mask [B, N].
     """
     loss_fn = losses.stage_loss(stage)
 
@@ -139,7 +148,7 @@ def make_train_step(model: Mistral, cfg: ClaraConfig, stage: str,
         trainable, opt_state, grad_norm, finite = apply_if_finite(state, grads, loss, tx)
         new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state,
                                   rng=rng)
-        metrics = {k: v for k, v in aux.items()}
+        metrics = with_recall(dict(aux), batch)
         metrics.update(loss=loss, grad_norm=grad_norm, finite=finite.astype(jnp.float32))
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)
@@ -157,7 +166,7 @@ def make_eval_step(model: Mistral, cfg: ClaraConfig, stage: str
         base, adapters = with_mem_embeddings(state.base, {**state.frozen, **state.trainable},
                                              cfg)
         _, metrics = loss_fn(model, base, adapters, batch, cfg, deterministic=True)
-        return metrics
+        return with_recall(dict(metrics), batch)
 
     return eval_step
 

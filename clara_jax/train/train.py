@@ -177,7 +177,7 @@ def loop(c: ml_collections.ConfigDict, workdir: str, run: Run, state, train_step
                     m = jax.device_get(metrics)
                     if not float(m["finite"]):
                         nonfinite(c, ckpt, done)
-                    last = guard.last = meter.row(done, m, extras["pos_mask"])
+                    last = guard.last = meter.row(done, m)
                     log.train(last)
                     guard.skips(done, int(skipped), final=done == c.total_steps)
                     guard.row(done, m)
@@ -219,11 +219,16 @@ def evaluate_loss(eval_step: Callable, state, eval_ds, max_batches: int,
             break
         batch, _ = inputs.split_batch(batch, stage, candidates, record_rows)
         m = jax.device_get(eval_step(state, to_global(batch)))
+        rows = float(m.get("n_with_pos", 0.0))
         for k, v in m.items():
-            if np.ndim(v) == 0:
-                sums[k] = sums.get(k, 0.0) + float(v)
+            if np.ndim(v) == 0 and k != "n_with_pos":
+                # recall@k: weighted by the batch's rows with positives (a mean over them)
+                sums[k] = sums.get(k, 0.0) + float(v) * (rows if k.startswith("recall@") else 1)
+        sums["n_with_pos"] = sums.get("n_with_pos", 0.0) + rows
         n += 1
-    return {k: v / max(n, 1) for k, v in sums.items()}
+    with_pos = sums.pop("n_with_pos", 0.0)
+    return {k: v / (with_pos if k.startswith("recall@") else max(n, 1))
+            for k, v in sums.items() if with_pos > 0 or not k.startswith("recall@")}
 
 
 def nonfinite(c: ml_collections.ConfigDict, ckpt: Checkpointer, step: int) -> None:
