@@ -2,7 +2,7 @@
 
     model = Clara.load(path)                              # ours, or a training work directory
     model = Clara.load(release, base_model_dir=hf_dir)    # Apple's release or an adapter bundle
-    model.save(out_dir); model.export_apple(out_dir)
+    model.save(out_dir); model.export_apple(out_dir)     # Apple's format (+ base_model/)
     emb = model.compress_documents(docs)                  # [len(docs), n, hidden]
     emb, mse = model.compress_documents_and_mse(docs)     # and the official MSE term
     out = model.generate_from_text(questions, documents)  # out.texts, out.token_ids
@@ -120,9 +120,13 @@ class Clara:
         """Our format (`formats.ours`), written atomically."""
         ours.save(out_dir, self.parts)
 
-    def export_apple(self, out_dir: str) -> None:
-        """Apple's release format (readable by the official `CLaRa.from_pretrained`)."""
-        apple.save(out_dir, self.parts)
+    def export_apple(self, out_dir: str, base_dir: str | None = None,
+                     training_stage: str | None = None) -> None:
+        """Apple's release format, loaded by the official `CLaRa.from_pretrained(out_dir)`
+        (`formats.apple.save`): over `base_dir` (an existing Hugging Face base), an imported
+        release's base, or else this model's base written to `{out_dir}/base_model`;
+        `training_stage` is Apple's name (default: the one loading every adapter)."""
+        apple.save(out_dir, self.parts, base_dir=base_dir, training_stage=training_stage)
 
     # -- weights -------------------------------------------------------------------------
 

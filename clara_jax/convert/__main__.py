@@ -3,12 +3,14 @@
     python -m clara_jax.convert hf-mistral --model_dir HF_DIR --out_dir CKPT [--dtype bfloat16]
     python -m clara_jax.convert export-hf --checkpoint CKPT --out_dir HF_DIR [--dtype ...]
     python -m clara_jax.convert apple --clara_dir RELEASE --base_model_dir HF_DIR --out_dir DIR
-    python -m clara_jax.convert export-apple --checkpoint CLARA_DIR_OR_WORKDIR --out_dir RELEASE
+    python -m clara_jax.convert export-apple --checkpoint CLARA_DIR_OR_WORKDIR --out_dir RELEASE \
+        [--base_dir HF_BASE] [--training_stage stage1|stage1_2|stage2|...]
     python -m clara_jax.convert export-adapters --checkpoint CLARA_DIR_OR_WORKDIR --out_dir BUNDLE
     python -m clara_jax.convert import-adapters --adapters_dir BUNDLE --base_model_dir BASE \
         --out_dir CLARA_DIR
 """
 
+import json
 import os
 import time
 
@@ -27,6 +29,12 @@ flags.DEFINE_string("base_model_dir", None, "Base model directory under an Apple
                     "adapter bundle (HF Mistral, or for import-adapters also our checkpoint).")
 flags.DEFINE_string("adapters_dir", None, "A bundle written by export-adapters.")
 flags.DEFINE_string("out_dir", None, "Where to write.")
+flags.DEFINE_string("base_dir", None, "export-apple: an existing Hugging Face base of the model "
+                    "for config.json's decoder_model_name (default: an imported release's, or "
+                    "the model's base written to OUT_DIR/base_model).")
+flags.DEFINE_string("training_stage", None, "export-apple: Apple's training_stage in config.json "
+                    "(default: an imported release's, else stage2 with a query reasoner, "
+                    "stage1 without, so that from_pretrained loads every adapter).")
 flags.DEFINE_string("dtype", None, "Cast weights to this dtype (float32, bfloat16, float16).")
 flags.DEFINE_bool("overwrite", False, "Replace a non-empty out_dir.")
 FLAGS = flags.FLAGS
@@ -73,8 +81,13 @@ def main(argv):
               f"{time.time() - t0:.1f} s")
     else:
         _need("checkpoint", "out_dir")
-        Clara.load(FLAGS.checkpoint).export_apple(FLAGS.out_dir)
-        print(f"{FLAGS.checkpoint} -> {FLAGS.out_dir} (Apple format), {time.time() - t0:.1f} s")
+        Clara.load(FLAGS.checkpoint).export_apple(FLAGS.out_dir, FLAGS.base_dir,
+                                                  FLAGS.training_stage)
+        with open(os.path.join(FLAGS.out_dir, "config.json")) as f:
+            written = json.load(f)
+        print(f"{FLAGS.checkpoint} -> {FLAGS.out_dir} (Apple format, training_stage "
+              f"{written['training_stage']}, decoder_model_name "
+              f"{written['decoder_model_name']}), {time.time() - t0:.1f} s")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,14 @@ over a Hugging Face Mistral base directory. Reading and writing `.pth` needs tor
 `[torch]` extra, imported only when a `.pth` is read or written).
 
 `load` / `save` work on whole models (`ClaraParts`); `load_apple` / `save_apple` on trees.
+
+What the official `CLaRa.from_pretrained(release)` (modeling_clara.py:1223) needs, and `save`
+writes: config.json with every `CLaRaConfig` field; `decoder_model_name` naming the ORIGINAL
+base (base vocabulary, loaded in bfloat16, resized to len(tokenizer) after the added tokens)
+with a fast tokenizer and Mistral's chat template; the full resized tables in
+decoder_first_last_layers.pth; adapters loaded by `training_stage` (stage1: encoder and
+decoder; stage2: all three; stage1_2 starts a fresh decoder adapter instead of the saved one;
+`pure_inference=True` loads all).
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ from typing import Any
 import numpy as np
 
 from clara_jax.clara.config import APPLE_STAGES, ClaraConfig, canonical_stage
-from clara_jax.clara.formats.hf_mistral import load_hf_mistral
+from clara_jax.clara.formats.hf_mistral import (load_hf_mistral, require_transformers,
+                                                save_hf_mistral, save_hf_tokenizer)
 from clara_jax.clara.formats.parts import TOKENIZER_FILE, ClaraParts, host_copy, to_device
 from clara_jax.clara.tokenizer import ClaraTokenizer
 from clara_jax.fileio import atomic_directory
@@ -32,6 +41,30 @@ from clara_jax.model.lora import LORA_TARGETS, LoraConfig
 
 APPLE_ADAPTERS = {"encoder_adapter": "encoder", "decoder_adapter": "decoder",
                   "query_reasoner_adapter": "query_reasoner"}
+# Apple's training_stage values (CLaRaConfig, modeling_clara.py:404-436, 1288-1316).
+APPLE_TRAINING_STAGES = ("stage1", "stage1_2", "stage2", "stage2_pretrain_retrieval",
+                         "stage2_reasoning")
+BASE_DIR = "base_model"   # where `save` writes the base when it is not an existing one
+# Every CLaRaConfig.__init__ field (modeling_clara.py:127-205) with the value an export
+# writes unless the model or an imported release says otherwise. No separate compressor
+# (compr_model_name None: the decoder with its encoder adapter compresses); LoRA on every
+# linear layer, alpha = 2r. pure_inference is no __init__ field but Apple's releases carry
+# it, and `from_pretrained(..., pure_inference=True)` (evaluation/evaluate.py) only takes
+# effect on a config that has it.
+OFFICIAL_CONFIG = {
+    "model_type": "CLaRa", "decoder_model_name": None, "doc_max_length": 128,
+    "quantization": "no", "sep": False, "compr_model_name": None, "compr_rate": 64,
+    "compr_n_layers": None, "compr_every_n_layer": None, "compr_base_model_name": None,
+    "compr_rms_norm": False, "compr_mlp_hidden_dim": 8096, "compr_use_mlp": False,
+    "compr_linear_type": "concat", "lora": True, "lora_compressor": False,
+    "training_form": "both", "training_stage": "stage1", "generation_top_k": 1, "lora_r": 16,
+    "lora_r_compressor": 16, "load_adapters": True, "kbtc_training": False,
+    "optimize_mem_tokens": False, "different_mem_tokens": False, "attn_implementation": None,
+    "_attn_implementation_autoset": True, "ae_mode": "token", "max_new_tokens": 128,
+    "stage2_retrieval_top_n": 1, "load_pretrained_checkpoint": False, "device_map": None,
+    "pure_inference": False,
+    "auto_map": {"AutoConfig": "modeling_clara.CLaRaConfig", "AutoModel": "modeling_clara.CLaRa"},
+}
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
            "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 _KEY = re.compile(r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\."
@@ -102,14 +135,30 @@ def adapter_from_peft(state: dict[str, Any], cfg: MistralConfig, where: str = "a
     return {"layers": tree}
 
 
-def adapter_to_peft(adapter: dict, cfg: MistralConfig) -> dict[str, np.ndarray]:
-    """Our adapter tree -> PEFT state dict (float32 numpy), the inverse of adapter_from_peft."""
+def adapter_to_peft(adapter: dict, cfg: MistralConfig, b_scale: float = 1.0
+                    ) -> dict[str, np.ndarray]:
+    """Our adapter tree -> PEFT state dict (float32 numpy), the inverse of adapter_from_peft.
+
+    Every LoRA target gets a key (PEFT's "all-linear"): a layer the adapter does not adapt
+    is written as zeros (no change). `b_scale` multiplies the B matrices (an alpha other than
+    the official 2r is folded into B)."""
     out = {}
     layers = adapter["layers"]
+    present = [layers[_PARENT[m]][m] for m in LORA_TARGETS if m in layers.get(_PARENT[m], {})]
+    if not present:
+        raise ValueError("adapter has no LoRA layers")
+    rank = np.shape(present[0]["lora_a"])[-1]
     for module in LORA_TARGETS:
-        node = layers[_PARENT[module]][module]
-        a, b = np.asarray(node["lora_a"], np.float32), np.asarray(node["lora_b"], np.float32)
-        rank = a.shape[-1]
+        node = layers.get(_PARENT[module], {}).get(module)
+        if node is None:
+            in_shape, out_shape = _shapes(cfg, module)
+            a = np.zeros((cfg.num_layers, *in_shape, rank), np.float32)
+            b = np.zeros((cfg.num_layers, rank, *out_shape), np.float32)
+        else:
+            a = np.asarray(node["lora_a"], np.float32)
+            b = np.asarray(node["lora_b"], np.float32)
+            if b_scale != 1.0:
+                b = (b * np.float32(b_scale)).astype(np.float32)
         for i in range(cfg.num_layers):
             prefix = f"model.layers.{i}.{_PARENT[module]}.{module}"
             out[f"{prefix}.lora_A.weight"] = a[i].reshape(-1, rank).T.copy()
@@ -131,13 +180,38 @@ def clara_config_from_apple(apple: dict, first_mem_token_id: int) -> ClaraConfig
     )
 
 
-def clara_config_to_apple(cfg: ClaraConfig, base: dict | None = None) -> dict:
-    """Apple's config.json fields for our ClaraConfig (other fields of `base` are kept)."""
-    out = dict(base or {})
+def default_training_stage(adapters: dict, apple_config: dict | None = None) -> str:
+    """The `training_stage` an export writes by default: an imported release's own;
+    otherwise the one under which the official `from_pretrained` loads every adapter the
+    model has ("stage2" with a query reasoner, else "stage1"), so that Apple's code computes
+    what ours does. (Apple's "stage1_2" would start a fresh decoder adapter instead of the
+    trained one, as its own Instruct release does when loaded.)"""
+    stage = (apple_config or {}).get("training_stage")
+    if stage:
+        return stage
+    return "stage2" if "query_reasoner" in adapters else "stage1"
+
+
+def clara_config_to_apple(cfg: ClaraConfig, base: dict | None = None, *,
+                          decoder_model_name: str | None = None,
+                          training_stage: str | None = None) -> dict:
+    """Apple's full config.json for our ClaraConfig: every `CLaRaConfig` field
+    (`OFFICIAL_CONFIG`), then the fields of `base` (an imported release's config, kept),
+    then ours; `decoder_model_name` and `training_stage` replace base's where given."""
+    out = {**OFFICIAL_CONFIG, **(base or {})}
     out.update({"doc_max_length": cfg.doc_max_length, "compr_rate": cfg.compress_rate,
                 "generation_top_k": cfg.generation_top_k, "sep": cfg.sep,
                 "different_mem_tokens": cfg.different_mem_tokens, "lora_r": cfg.lora.rank,
-                "lora": True, "model_type": out.get("model_type", "CLaRa")})
+                "lora_r_compressor": cfg.lora.rank, "lora": True})
+    if decoder_model_name is not None:
+        out["decoder_model_name"] = decoder_model_name
+    if out.get("compr_base_model_name") is None:
+        out["compr_base_model_name"] = out["decoder_model_name"]
+    if training_stage is not None:
+        if training_stage not in APPLE_TRAINING_STAGES:
+            raise ValueError(f"training_stage {training_stage!r} is not one of Apple's "
+                             f"{APPLE_TRAINING_STAGES}")
+        out["training_stage"] = training_stage
     return out
 
 
@@ -210,22 +284,114 @@ def load_apple(clara_dir: str, base_params: dict, base_cfg: MistralConfig
     return model_cfg, cfg, params, adapters, apple
 
 
+def _write_release(out_dir: str, params: dict, adapters: dict[str, dict],
+                   model_cfg: MistralConfig, cfg: ClaraConfig, apple_config: dict) -> None:
+    """adapters.pth, decoder_first_last_layers.pth and config.json (`apple_config`, already
+    complete) into the existing directory `out_dir`."""
+    torch = _require_torch(os.path.join(out_dir, "adapters.pth"))
+    b_scale = cfg.lora.alpha / (2.0 * cfg.lora.rank)   # the official alpha is 2r
+    state = {f"{apple}": {k: torch.from_numpy(v) for k, v in
+                          adapter_to_peft(adapters[ours], model_cfg, b_scale).items()}
+             for apple, ours in APPLE_ADAPTERS.items() if ours in adapters}
+    torch.save(state, os.path.join(out_dir, "adapters.pth"))
+    embed = np.array(params["embed_tokens"]["embedding"], np.float32)  # writable, for torch
+    head = np.asarray(params["lm_head"]["kernel"], np.float32).T.copy()
+    torch.save({"model.embed_tokens.weight": torch.from_numpy(embed),
+                "lm_head.weight": torch.from_numpy(head)},
+               os.path.join(out_dir, "decoder_first_last_layers.pth"))
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(apple_config, f, indent=2, sort_keys=True)
+
+
 def save_apple(out_dir: str, params: dict, adapters: dict[str, dict], model_cfg: MistralConfig,
                cfg: ClaraConfig, apple_config: dict | None = None) -> None:
-    """Writes an Apple release directory (atomically: temp dir, then rename)."""
-    torch = _require_torch(os.path.join(out_dir, "adapters.pth"))
+    """Writes an Apple release directory (atomically: temp dir, then rename); config.json is
+    `clara_config_to_apple(cfg, apple_config)`."""
     with atomic_directory(out_dir, prefix=".apple-") as tmp:
-        state = {f"{apple}": {k: torch.from_numpy(v) for k, v in
-                              adapter_to_peft(adapters[ours], model_cfg).items()}
-                 for apple, ours in APPLE_ADAPTERS.items() if ours in adapters}
-        torch.save(state, os.path.join(tmp, "adapters.pth"))
-        embed = np.array(params["embed_tokens"]["embedding"], np.float32)  # writable, for torch
-        head = np.asarray(params["lm_head"]["kernel"], np.float32).T.copy()
-        torch.save({"model.embed_tokens.weight": torch.from_numpy(embed),
-                    "lm_head.weight": torch.from_numpy(head)},
-                   os.path.join(tmp, "decoder_first_last_layers.pth"))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(clara_config_to_apple(cfg, apple_config), f, indent=2, sort_keys=True)
+        _write_release(tmp, params, adapters, model_cfg, cfg,
+                       clara_config_to_apple(cfg, apple_config))
+
+
+def check_hf_base(base_dir: str, model_cfg: MistralConfig, tokenizer: ClaraTokenizer,
+                  tokenizer_path: str | None = None) -> None:
+    """ValueError naming the field unless the Hugging Face directory `base_dir` is a base of
+    this model's shape with its base vocabulary and, where both exist, the same
+    tokenizer.model as `tokenizer_path`."""
+    path = os.path.join(base_dir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"base_dir {base_dir}: no config.json (expected a Hugging Face "
+                                f"Mistral directory)")
+    with open(path) as f:
+        hf = json.load(f)
+    want = {"vocab_size": tokenizer.base_vocab_size, "hidden_size": model_cfg.hidden_size,
+            "num_hidden_layers": model_cfg.num_layers,
+            "num_attention_heads": model_cfg.num_heads,
+            "intermediate_size": model_cfg.intermediate_size}
+    for key, value in want.items():
+        if hf.get(key) != value:
+            raise ValueError(f"{path}: {key} is {hf.get(key)}, this model needs {value}")
+    theirs = os.path.join(base_dir, TOKENIZER_FILE)
+    if tokenizer_path and os.path.exists(theirs):
+        with open(theirs, "rb") as a, open(tokenizer_path, "rb") as b:
+            if a.read() != b.read():
+                raise ValueError(f"{theirs} differs from this model's {tokenizer_path}")
+
+
+def save(out_dir: str, parts: ClaraParts, base_dir: str | None = None,
+         training_stage: str | None = None) -> None:
+    """Writes `parts` as an Apple release that the official `CLaRa.from_pretrained(out_dir)`
+    loads, atomically.
+
+    decoder_model_name: `base_dir` (an existing Hugging Face base of this model, checked by
+    `check_hf_base`) when given; else an imported release's own; else the base is written
+    as a Hugging Face directory `{out_dir}/base_model` (the first base-vocabulary rows of
+    embed_tokens / lm_head, tokenizer.model and its fast tokenizer with Mistral's chat
+    template; needs transformers) and named by its absolute path: a release moved elsewhere
+    needs that path edited in config.json, or `from_pretrained(dir, decoder_model_name=...)`.
+    training_stage: Apple's stage name (`default_training_stage` when None)."""
+    host = host_copy(parts)
+    tok = host.tokenizer
+    if host.model_config.vocab_size != tok.vocab_size:
+        raise ValueError(f"model vocabulary {host.model_config.vocab_size} != the tokenizer's "
+                         f"{tok.vocab_size} (base {tok.base_vocab_size} + added): the official "
+                         f"loader resizes the tables to len(tokenizer)")
+    out_abs = os.path.abspath(out_dir)
+    write_base = False
+    if base_dir is not None:
+        base_abs = os.path.abspath(base_dir)
+        if base_abs == out_abs or base_abs.startswith(out_abs + os.sep):
+            raise ValueError(f"base_dir {base_dir} is inside out_dir {out_dir}, which the "
+                             f"export replaces")
+        check_hf_base(base_abs, host.model_config, tok, host.tokenizer_path)
+        name = base_abs
+    elif host.apple_config.get("decoder_model_name"):
+        name = host.apple_config["decoder_model_name"]
+    else:
+        if host.tokenizer_path is None:
+            raise ValueError("this model has no tokenizer.model path to write its base with")
+        require_transformers(f"writing the base of {out_dir} as a Hugging Face directory "
+                             f"(or pass base_dir)")
+        name, write_base = os.path.join(out_abs, BASE_DIR), True
+    config = clara_config_to_apple(
+        host.config, host.apple_config, decoder_model_name=name,
+        training_stage=training_stage or default_training_stage(host.adapters,
+                                                                host.apple_config))
+    with atomic_directory(out_dir, prefix=".apple-") as tmp:
+        _write_release(tmp, host.params, host.adapters, host.model_config, host.config, config)
+        if write_base:
+            _write_hf_base(os.path.join(tmp, BASE_DIR), host, tok.base_vocab_size)
+
+
+def _write_hf_base(out_dir: str, parts: ClaraParts, base_vocab: int) -> None:
+    """The base of `parts` as a Hugging Face Mistral directory with the base vocabulary (the
+    added tokens' rows dropped), its tokenizer.model and fast tokenizer."""
+    params = dict(parts.params)
+    params["embed_tokens"] = {"embedding": np.asarray(
+        parts.params["embed_tokens"]["embedding"])[:base_vocab]}
+    params["lm_head"] = {"kernel": np.asarray(parts.params["lm_head"]["kernel"])[:, :base_vocab]}
+    save_hf_mistral(parts.model_config.replace(vocab_size=base_vocab), params, out_dir,
+                    tokenizer_path=parts.tokenizer_path)
+    save_hf_tokenizer(parts.tokenizer_path, out_dir)
 
 
 def load(clara_dir: str, base_model_dir: str, dtype: str | None = None) -> ClaraParts:
@@ -241,10 +407,3 @@ def load(clara_dir: str, base_model_dir: str, dtype: str | None = None) -> Clara
                          f"vocabulary is {base_cfg.vocab_size}")
     return ClaraParts(model_cfg, cfg, to_device(params), to_device(adapters), tok,
                       tokenizer_path=tok_path, apple_config=apple_cfg)
-
-
-def save(out_dir: str, parts: ClaraParts) -> None:
-    """Writes `parts` as an Apple release (readable by the official `CLaRa.from_pretrained`)."""
-    host = host_copy(parts)
-    save_apple(out_dir, host.params, host.adapters, host.model_config, host.config,
-               host.apple_config)

@@ -23,6 +23,35 @@ from clara_jax.model.config import MistralConfig
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
+# Mistral-7B-Instruct-v0.2's chat template (its tokenizer_config.json on the Hugging Face
+# hub), which `clara.prompts.mistral_chat` renders; written beside an exported base so that
+# `apply_chat_template` (Apple's prompts use it) gives our prompts.
+MISTRAL_CHAT_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}\n"
+    "    {%- set system_message = messages[0]['content'] %}\n"
+    "    {%- set loop_messages = messages[1:] %}\n"
+    "{%- else %}\n"
+    "    {%- set loop_messages = messages %}\n"
+    "{%- endif %}\n\n"
+    "{{- bos_token }}\n"
+    "{%- for message in loop_messages %}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n"
+    "        {{- raise_exception('After the optional system message, conversation roles must "
+    "alternate user/assistant/user/assistant/...') }}\n"
+    "    {%- endif %}\n"
+    "    {%- if message['role'] == 'user' %}\n"
+    "        {%- if loop.first and system_message is defined %}\n"
+    "            {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}\n"
+    "        {%- else %}\n"
+    "            {{- ' [INST] ' + message['content'] + ' [/INST]' }}\n"
+    "        {%- endif %}\n"
+    "    {%- elif message['role'] == 'assistant' %}\n"
+    "        {{- ' ' + message['content'] + eos_token}}\n"
+    "    {%- else %}\n"
+    "        {{- raise_exception('Only user and assistant roles are supported, with the "
+    "exception of an initial optional system message!') }}\n"
+    "    {%- endif %}\n"
+    "{%- endfor %}\n")
 
 
 def config_from_hf(hf: dict, **overrides: Any) -> MistralConfig:
@@ -181,6 +210,32 @@ def save_hf_mistral(cfg: MistralConfig, params: dict, out_dir: str, dtype: str |
         json.dump(config_to_hf(cfg, dtype or cfg.param_dtype), f, indent=2)
     safetensors_io.save_sharded(hf_tensors(cfg, params, dtype), out_dir, max_shard_bytes)
     if tokenizer_path:
+        shutil.copyfile(tokenizer_path, os.path.join(out_dir, TOKENIZER))
+
+
+def require_transformers(what: str):
+    """The transformers module; ImportError naming `what` needed it when it is missing."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError(f"{what} needs transformers: pip install 'clara-jax[torch]'") from e
+    return transformers
+
+
+def save_hf_tokenizer(tokenizer_path: str, out_dir: str,
+                      chat_template: str = MISTRAL_CHAT_TEMPLATE) -> None:
+    """Writes the Hugging Face fast tokenizer of the sentencepiece model `tokenizer_path`
+    into `out_dir` (tokenizer.json, tokenizer_config.json with `chat_template`,
+    special_tokens_map.json, tokenizer.model) as Mistral-7B-Instruct-v0.2 ships it: the
+    legacy Llama normaliser (the one `ClaraTokenizer` reproduces), <s> added, </s> not.
+    Needs transformers (the `torch` extra): ImportError in one line otherwise."""
+    transformers = require_transformers(f"writing the Hugging Face tokenizer in {out_dir}")
+    tok = transformers.LlamaTokenizerFast(vocab_file=tokenizer_path, legacy=True, from_slow=True,
+                             add_bos_token=True, add_eos_token=False, add_prefix_space=True,
+                             clean_up_tokenization_spaces=False)
+    tok.chat_template = chat_template
+    tok.save_pretrained(out_dir)
+    if not os.path.exists(os.path.join(out_dir, TOKENIZER)):
         shutil.copyfile(tokenizer_path, os.path.join(out_dir, TOKENIZER))
 
 
