@@ -394,9 +394,9 @@ def build_run(c: ml_collections.ConfigDict, mesh: Mesh, model_cfg: MistralConfig
               k_instruct: int | None = None, num_layers: int | None = None) -> Run:
     """The run `c` on `mesh`, from the starting model's config and tokenizer vocabulary size
     (`model_configs`). `params` (its base weights, as loaded) gives a real state: the
-    vocabulary grown by `resize_vocab` where needed, `adapters` (or fresh ones) with their
-    decoder and query reasoner of the stage transition (`start_adapters`), everything placed on its shardings. None
-    gives an abstract one (`jax.eval_shape`). `k_instruct`: documents per instruct record
+    vocabulary grown by `resize_vocab` where needed, `adapters` (or fresh ones) as the stage
+    transition takes them (`start_adapters`), everything placed on its shardings. None gives
+    an abstract one (`jax.eval_shape`). `k_instruct`: documents per instruct record
     (default generation_top_k); `num_layers` replaces the depth, unrolled (for
     `clara_jax.aot.scan_corrected_cost`)."""
     model_cfg, cfg = model_configs(c, model_cfg, base_vocab)
