@@ -120,7 +120,7 @@ def base_config(stage: str, model: str) -> ml_collections.ConfigDict:
     # (setup.initial_query_reasoner): "auto" (official) copies the encoder adapter when the
     # start has no trained query reasoner (none in Apple's stage-1 / 1_2 checkpoints; an
     # untrained one, all LoRA B = 0, in ours of stages 1-2), so questions start in the space
-    # of the compressed documents, and keeps a trained one (resuming from an end_to_end
+    # of the compressed documents, and keeps a trained one (a start from an end_to_end
     # checkpoint); "encoder" always copies the encoder; "keep" keeps the start's (cold after
     # stages 1-2: the base's own states; the demo, which shows Recall@1 rise from there).
     # A copy of the encoder has its LoRA B times query_reasoner_init_scale (below 1: a
