@@ -1,10 +1,15 @@
 """Shared pieces of the stage configs: argument parsing and the fields every stage has.
 
-Official defaults (apple/ml-clara scripts): doc_max_length 256, compress_rate 32, LoRA r 16
-(alpha 2r, dropout 0.1), AdamW betas (0.9, 0.95), cosine schedule to 0.1 x lr after a 3%
-warmup, max grad norm 1.0, mse weight 0.1, generation_top_k 5, 20 candidates in stage 3,
-top-k temperature 0.02. The `tiny` model shrinks lengths and steps so a stage runs on a CPU
-in about a minute; everything else keeps the official values unless a config says why.
+Official defaults (apple/ml-clara scripts/*.sh and openrlhf/cli/train_sft.py):
+doc_max_length 256, compress_rate 32, LoRA r 16 (alpha 2r, dropout 0.1), AdamW betas
+(0.9, 0.95), cosine schedule to 0.1 x lr after a 3% warmup, max grad norm 1.0, mse weight
+0.1, generation_top_k 5, 20 candidates in stage 3, top-k temperature 0.02; the stage files
+set what differs per stage (stage 1 trains the memory-token embeddings, stage 3 uses lr 5e-6
+constant, batch 32, max_len 1024). The official stage transitions are the defaults
+(`instruct.decoder_init`, `end_to_end.query_reasoner_init`). The `tiny` model shrinks lengths
+and steps so a stage runs on a CPU in about a minute; everything else keeps the official
+values unless a config says why (docs/training.md, "Official stage transitions and
+defaults").
 """
 
 import ml_collections
@@ -39,6 +44,11 @@ def base_config(stage: str, model: str) -> ml_collections.ConfigDict:
     c.grad_accum = 1
     c.learning_rate = 1e-3 if tiny else 1e-4
     c.warmup_ratio = 0.03
+    # "cosine": linear warmup over warmup_ratio of the steps, then cosine to min_lr_ratio x
+    # learning_rate (the official `cosine_with_min_lr`, stages 1 and 1_2); "constant":
+    # learning_rate at every step, no warmup (the official `--lr_scheduler constant` of
+    # stage 2, configs/end_to_end.py).
+    c.lr_schedule = "cosine"
     c.min_lr_ratio = 0.1
     c.b1, c.b2 = 0.9, 0.95
     c.weight_decay = 0.0
@@ -86,7 +96,9 @@ def base_config(stage: str, model: str) -> ml_collections.ConfigDict:
     c.lora_alpha = ml_collections.config_dict.placeholder(float)   # None: 2 x lora_rank
     c.lora_dropout = 0.1       # on the adapters' input, in training only (with c.dropout)
     # Also train the memory tokens' embedding rows (<MEM0..n-1>; not <AE>/<ENC>/<SEP>, not
-    # lm_head), as the official training script does (it sets it on).
+    # lm_head). Officially only stage 1 does (train_sft.py sets optimize_mem_tokens=True, and
+    # in later stages loading the checkpoint's adapters through PEFT freezes the embeddings
+    # again): configs/pretrain.py turns it on, the other stages leave it off.
     c.optimize_mem_tokens = False
     # Execution settings of the model (None: the preset's / checkpoint's value); parameters
     # and checkpoints do not depend on them. remat_policy: none | full | dots | dots_no_batch;
@@ -95,15 +107,29 @@ def base_config(stage: str, model: str) -> ml_collections.ConfigDict:
     c.scan_layers = ml_collections.config_dict.placeholder(bool)
     c.attention_impl = ml_collections.config_dict.placeholder(str)
 
+    c.instruct = ml_collections.ConfigDict()
+    # Stage 2 (instruct)'s decoder adapter at the start: "fresh" (official: `from_pretrained`
+    # skips a stage-1 checkpoint's decoder adapter for stage1_2 and `_setup_lora_adapters`
+    # adds a new one) starts a new one (LoRA A random, B = 0), the answers then learnt from
+    # the instruction data alone; "keep" continues stage 1's decoder (the demo, whose
+    # 150-step stage 2 builds on it). The encoder adapter is kept either way.
+    c.instruct.decoder_init = "fresh"
+
     c.end_to_end = ml_collections.ConfigDict()
     # Stage 3: compress every distinct candidate once (eval mode) into
     # {workdir}/candidate_cache and gather its states in the step instead of running the
     # frozen encoder; False recompresses every step with LoRA dropout, as officially.
     c.end_to_end.cache_candidates = True
-    # The query reasoner at the start: "" keeps the start's (copies the encoder when it has
-    # none, as officially); "encoder" copies the encoder's adapter, its LoRA B times
-    # query_reasoner_init_scale (below 1: a weakened warm start).
-    c.end_to_end.query_reasoner_init = ""
+    # The query reasoner at the start of end_to_end / retrieval_pretrain
+    # (setup.initial_query_reasoner): "auto" (official) copies the encoder adapter when the
+    # start has no trained query reasoner (none in Apple's stage-1 / 1_2 checkpoints; an
+    # untrained one, all LoRA B = 0, in ours of stages 1-2), so questions start in the space
+    # of the compressed documents, and keeps a trained one (a start from an end_to_end
+    # checkpoint); "encoder" always copies the encoder; "keep" keeps the start's (cold after
+    # stages 1-2: the base's own states; the demo, which shows Recall@1 rise from there).
+    # A copy of the encoder has its LoRA B times query_reasoner_init_scale (below 1: a
+    # weakened warm start).
+    c.end_to_end.query_reasoner_init = "auto"
     c.end_to_end.query_reasoner_init_scale = 1.0
     # Stage 3 trains the decoder adapter with the query reasoner, as officially; False trains
     # the query reasoner alone against the frozen generator (its loss still the only signal).

@@ -67,15 +67,21 @@ def get_config(arg: str = ""):
     # 16 memory tokens. Stages 2-3 prompts (instruction, memory slots, question, answer) are
     # at most 67 tokens. Stage 1 is where the memory tokens learn to hold the facts; 4 of them
     # (16x) need 1,800 steps (4.7 epochs of the 6,080 stage-1 records; docs/demo.md).
-    c.pretrain = stage(steps=1800, learning_rate=2e-3, max_len=192)
-    c.instruct = stage(steps=150, learning_rate=2e-3, max_len=72)
+    # The demo's stage transitions differ from the official defaults (configs/common.py):
+    # no stage trains the memory-token embeddings (optimize_mem_tokens), stage 2 keeps stage
+    # 1's decoder adapter (instruct.decoder_init "keep"): its 150 steps build on it.
+    c.pretrain = stage(steps=1800, learning_rate=2e-3, max_len=192, optimize_mem_tokens=False)
+    c.instruct = stage(steps=150, learning_rate=2e-3, max_len=72, optimize_mem_tokens=False,
+                       decoder_init="keep")
     # Stage 3 trains the query reasoner from the generator's loss alone. Stages 1-2 never train
-    # it, so it starts cold (B = 0: the base's own states at the memory tokens) and the rise of
-    # Recall@1 is visible; temperature 0.1 (the official 0.02 learns too slowly at this size).
+    # it, and it is kept as they left it (query_reasoner_init "keep", not the official copy of
+    # the encoder), so it starts cold (B = 0: the base's own states at the memory tokens) and
+    # the rise of Recall@1 is visible; temperature 0.1 (the official 0.02 learns too slowly at this size).
     # The decoder stays as stage 2 left it (train_decoder=False): from a cold start most picks
     # are wrong documents, and a decoder trained on them learns to answer without reading.
     c.end_to_end = stage(steps=500, learning_rate=1e-3, temperature=0.1, worlds=4, max_len=72,
-                         train_decoder=False)
+                         train_decoder=False, query_reasoner_init="keep",
+                         optimize_mem_tokens=False)
 
     # The 4 layers unrolled rather than scanned: 1.11x faster steps on CPU (same parameters).
     c.scan_layers = False

@@ -170,6 +170,30 @@ def test_the_demo_passes_its_adapter_settings_to_every_stage(tmp_path):
     assert (c.lora_rank, c.lora_alpha, c.lora_dropout) == (16, None, 0.1)
 
 
+def test_the_demo_sets_its_own_stage_transitions(tmp_path):
+    """The demo departs from the official transitions (the stage files' defaults) on purpose,
+    by name: no memory-token training, stage 2 keeps stage 1's decoder, stage 3 keeps the
+    cold query reasoner; each field of the demo config reaches the stage's trainer config."""
+    worlds = {"clara": [str(tmp_path / "w0")], "base": []}
+
+    def stages(cfg):
+        return {name: demo.stage_config(cfg, name, worlds, 4, str(tmp_path / "base"))
+                for name in demo.CLARA_STAGES}
+
+    def transitions(got):
+        return (tuple(c.optimize_mem_tokens for c in got.values()),
+                got["instruct"].instruct.decoder_init,
+                got["end_to_end"].end_to_end.query_reasoner_init)
+
+    official = ((True, False, False), "fresh", "auto")
+    assert transitions({name: load_config(f"configs/{name}.py")
+                        for name in demo.CLARA_STAGES}) == official
+    assert transitions(stages(_demo_config())) == ((False, False, False), "keep", "keep")
+    assert transitions(stages(_demo_config(**{
+        "pretrain.optimize_mem_tokens": True, "instruct.decoder_init": "fresh",
+        "end_to_end.query_reasoner_init": "auto"}))) == official
+
+
 def test_a_base_without_encoder_reads_only_full_text_with_the_gold_document(tmp_path):
     """The shipped base as a `Clara` without adapters: full text in the oracle setting works
     (the gold document, no retrieval metric); what needs an encoder is refused, naming it."""

@@ -166,7 +166,7 @@ def test_optimize_mem_tokens_run_changes_only_memory_rows_and_exports(tmp_path):
     from test_train import tiny_run
 
     common = dict(max_len=192, doc_max_length=16, num_candidates=8, generation_top_k=2)
-    tiny_run(tmp_path / "s1", "configs/pretrain.py", 1, **common)
+    tiny_run(tmp_path / "s1", "configs/pretrain.py", 1, optimize_mem_tokens=False, **common)
     tiny_run(tmp_path / "s2", "configs/instruct.py", 2, init_from=str(tmp_path / "s1"),
              optimize_mem_tokens=True, peak_flops=1e9, **common)
     s1, s2 = Clara.load(str(tmp_path / "s1")), Clara.load(str(tmp_path / "s2"))

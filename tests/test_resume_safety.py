@@ -195,7 +195,9 @@ def recorded_clara_run(tmp_path, **fields):
      "model fields cannot change: different_mem_tokens true -> false, lora_alpha null -> 8.0"),
     ("", {"grad_accum": 2}, "model fields cannot change: grad_accum 1 -> 2"),
     ("", {"end_to_end.query_reasoner_init": "encoder"},
-     "model fields cannot change: end_to_end.query_reasoner_init \"\" -> \"encoder\""),
+     "model fields cannot change: end_to_end.query_reasoner_init \"auto\" -> \"encoder\""),
+    ("", {"instruct.decoder_init": "keep"},
+     "model fields cannot change: instruct.decoder_init \"fresh\" -> \"keep\""),
     # the seed of a run started from a saved model only orders data and draws dropout
     ("INIT", {"seed": 1, "lora_dropout": 0.0, "data.train_files": "x.jsonl"},
      "changed: data.train_files \"\" -> \"x.jsonl\", lora_dropout 0.1 -> 0.0, seed 0 -> 1 "

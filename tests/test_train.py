@@ -422,14 +422,23 @@ def test_lora_dropout_rate_scale_and_use():
 
 
 def test_query_reasoner_starts_from_the_encoder_weakened_on_request():
-    """initial_query_reasoner: a start with a query reasoner keeps it; "encoder" copies the
-    encoder's adapter with its LoRA B scaled (A untouched); a start without one copies the
-    encoder, as the official code does."""
+    """initial_query_reasoner: "auto" (official) copies the encoder for a start whose query
+    reasoner is absent or untrained (B = 0) and keeps a trained one; "keep" keeps an untrained
+    one; "encoder" copies the encoder's adapter with its LoRA B scaled (A untouched)."""
     enc = {"layer": {"q_proj": {"lora_a": jnp.ones((2, 3)), "lora_b": jnp.full((3, 2), 2.0)}}}
-    own = jax.tree_util.tree_map(jnp.zeros_like, enc)
+    cold = {"layer": {"q_proj": {"lora_a": jnp.full((2, 3), 3.0), "lora_b": jnp.zeros((3, 2))}}}
+    own = jax.tree_util.tree_map(lambda x: x + 1.0, cold)   # trained: B != 0
     c = config("configs/end_to_end.py")
+    assert c.end_to_end.query_reasoner_init == "auto"
     kept = setup_lib.initial_query_reasoner(c, {"encoder": enc, "query_reasoner": own})
     assert kept["query_reasoner"] is own
+    warm = setup_lib.initial_query_reasoner(c, {"encoder": enc, "query_reasoner": cold})
+    for name in ("lora_a", "lora_b"):   # the encoder's, not the cold A
+        np.testing.assert_array_equal(warm["query_reasoner"]["layer"]["q_proj"][name],
+                                      enc["layer"]["q_proj"][name])
+    c.end_to_end.query_reasoner_init = "keep"
+    assert setup_lib.initial_query_reasoner(
+        c, {"encoder": enc, "query_reasoner": cold})["query_reasoner"] is cold
     c.end_to_end.query_reasoner_init = "encoder"
     c.end_to_end.query_reasoner_init_scale = 0.25
     weak = setup_lib.initial_query_reasoner(c, {"encoder": enc, "query_reasoner": own})
@@ -442,7 +451,8 @@ def test_query_reasoner_starts_from_the_encoder_weakened_on_request():
     np.testing.assert_array_equal(copied["query_reasoner"]["layer"]["q_proj"]["lora_b"],
                                   enc["layer"]["q_proj"]["lora_b"])
     c.end_to_end.query_reasoner_init = "decoder"
-    with pytest.raises(ValueError, match="query_reasoner_init: must be '' or 'encoder'"):
+    with pytest.raises(ValueError, match=r"query_reasoner_init: must be one of \('auto', "
+                                         r"'encoder', 'keep'\), got 'decoder'"):
         setup_lib.initial_query_reasoner(c, {"encoder": enc})
 
 

@@ -64,12 +64,16 @@ def stage_config(cfg, name: str, worlds: dict[str, list[str]], rate: int | None,
     c.max_len = s.max_len
     for field in ("lora_rank", "lora_alpha", "lora_dropout"):
         c[field] = cfg[field]
+    c.optimize_mem_tokens = s.optimize_mem_tokens
     train_worlds = worlds["clara"][:s.get("worlds") or len(worlds["clara"])]
     c.data.train_files = ",".join(os.path.join(w, f"{name}_train.jsonl") for w in train_worlds)
     c.data.eval_files = os.path.join(worlds["clara"][0], f"{name}_eval.jsonl")
+    if name == "instruct":
+        c.instruct.decoder_init = s.decoder_init
     if name == "end_to_end":
         c.temperature = s.temperature
         c.end_to_end.train_decoder = s.train_decoder
+        c.end_to_end.query_reasoner_init = s.query_reasoner_init
     return c
 
 

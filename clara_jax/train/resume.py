@@ -34,7 +34,7 @@ from clara_jax.train.checkpoint import ON_CORRUPT, saved_steps
 # parameters train, the vocabulary): a checkpoint cannot be resumed under other values.
 MODEL_FIELDS = ("stage", "model", "init_from", "vocab_size", "rope_theta", "lm_head_init",
                 "whole_words", "doc_max_length", "compress_rate", "different_mem_tokens",
-                "lora_rank", "lora_alpha", "optimize_mem_tokens",
+                "lora_rank", "lora_alpha", "optimize_mem_tokens", "instruct.decoder_init",
                 "end_to_end.query_reasoner_init", "end_to_end.query_reasoner_init_scale",
                 "end_to_end.train_decoder")
 # Fields that never matter to what a checkpoint holds or how training continues from it.

@@ -31,7 +31,7 @@ from clara_jax.model.lora import LoraConfig
 from clara_jax.model.mistral import Mistral, init_params, parameter_shardings
 from clara_jax.train import base_lm, compiled_step, init_config, inputs
 from clara_jax.train import step as step_lib
-from clara_jax.train.optim import learning_rate_schedule, make_optimizer
+from clara_jax.train.optim import SCHEDULES, learning_rate_schedule, make_optimizer
 from clara_jax.train.compiled_step import with_sharding
 from clara_jax.train.start import resize_vocab
 
@@ -68,6 +68,14 @@ def validate_config(c: ml_collections.ConfigDict, n_devices: int | None = None) 
         bad("lora_dropout", f"must be in [0, 1), got {c.lora_dropout}")
     if c.learning_rate <= 0:
         bad("learning_rate", f"must be positive, got {c.learning_rate}")
+    if c.lr_schedule not in SCHEDULES:
+        bad("lr_schedule", f"must be one of {SCHEDULES}, got {c.lr_schedule!r}")
+    if c.instruct.decoder_init not in DECODER_INITS:
+        bad("instruct.decoder_init", f"must be one of {DECODER_INITS}, got "
+            f"{c.instruct.decoder_init!r}")
+    if c.end_to_end.query_reasoner_init not in QUERY_REASONER_INITS:
+        bad("end_to_end.query_reasoner_init", f"must be one of {QUERY_REASONER_INITS}, got "
+            f"{c.end_to_end.query_reasoner_init!r}")
     if c.stage in ("end_to_end", "retrieval_pretrain") and c.generation_top_k > c.num_candidates:
         bad("generation_top_k", f"k={c.generation_top_k} is larger than num_candidates "
             f"{c.num_candidates}")
@@ -177,21 +185,78 @@ def fresh_adapters(model_cfg: MistralConfig, lora: LoraConfig, rng: jax.Array) -
     return {name: init(k) for name, k in zip(("encoder", "decoder", "query_reasoner"), keys)}
 
 
-def initial_query_reasoner(c: ml_collections.ConfigDict, adapters: dict) -> dict:
-    """The query reasoner a run starts from (before any checkpoint restore). A start with
-    none (an Apple stage-1/2 checkpoint) copies the encoder, as the official code does; so
-    does config.end_to_end.query_reasoner_init == "encoder" for any start. The copy's LoRA B
-    matrices are multiplied by config.end_to_end.query_reasoner_init_scale (1: the encoder
-    as it is; 0: the base's own states, like a fresh adapter; in between: a weakened warm
-    start, from which end-to-end training has something to raise)."""
-    e2e = c.get("end_to_end", ml_collections.ConfigDict())
-    init = e2e.get("query_reasoner_init", "")
-    if init not in ("", "encoder"):
-        raise ValueError(f"config.end_to_end.query_reasoner_init: must be '' or 'encoder', "
+# config.instruct.decoder_init and config.end_to_end.query_reasoner_init values.
+DECODER_INITS = ("fresh", "keep")
+QUERY_REASONER_INITS = ("auto", "encoder", "keep")
+
+
+def start_adapters(c: ml_collections.ConfigDict, adapters: dict | None,
+                   fresh: Callable[[], dict]) -> dict:
+    """The adapters a run starts from (before any checkpoint restore), from the start's
+    (`adapters`, None for a base) and `fresh()`, PEFT-initialised ones (`fresh_adapters`;
+    called only when one is needed), as the official stage transitions do:
+
+      - a base gets fresh encoder, decoder and query reasoner;
+      - instruct (stage 1_2) with config.instruct.decoder_init "fresh" replaces the start's
+        decoder with a fresh one (the official `from_pretrained` skips the stage-1 decoder
+        adapter and adds a new one); "keep" continues the start's;
+      - stages that train the query reasoner (end_to_end, retrieval_pretrain) take it from
+        `initial_query_reasoner`; the others keep the start's (a fresh one where it has none).
+    """
+    if not adapters:
+        return fresh()
+    adapters = dict(adapters)
+    init = c.instruct.decoder_init
+    if init not in DECODER_INITS:
+        raise ValueError(f"config.instruct.decoder_init: must be one of {DECODER_INITS}, "
                          f"got {init!r}")
-    if "query_reasoner" in adapters and init != "encoder":
-        return adapters
-    scale = float(e2e.get("query_reasoner_init_scale", 1.0))
+    if c.stage == "instruct" and init == "fresh":
+        adapters["decoder"] = fresh()["decoder"]
+    if "query_reasoner" in TRAINABLE_ADAPTERS.get(c.stage, ()):
+        return initial_query_reasoner(c, adapters, fresh)
+    if "query_reasoner" not in adapters:
+        adapters["query_reasoner"] = fresh()["query_reasoner"]
+    return adapters
+
+
+def is_untrained(adapter: dict) -> bool:
+    """Whether every LoRA B of `adapter` is exactly 0: PEFT's initialisation, whose update
+    A @ B is 0 (a query reasoner stages 1-2 carry without training it)."""
+    leaves = jax.tree_util.tree_leaves_with_path(adapter)
+    return all(not np.any(np.asarray(jax.device_get(x))) for path, x in leaves
+               if getattr(path[-1], "key", None) == "lora_b")
+
+
+def initial_query_reasoner(c: ml_collections.ConfigDict, adapters: dict,
+                           fresh: Callable[[], dict] | None = None) -> dict:
+    """`adapters` with the query reasoner a query-reasoner-training stage starts from, by
+    config.end_to_end.query_reasoner_init:
+
+      - "auto" (official): the encoder's adapter when the start has no trained query
+        reasoner (none, as in Apple's stage-1 / 1_2 checkpoints, or an untrained one,
+        `is_untrained`, as ours of stages 1-2 carry); a trained one (an end_to_end
+        checkpoint) is kept. The official `_handle_query_reasoner_adapter_loading`;
+      - "encoder": the encoder's adapter whatever the start has;
+      - "keep": the start's (cold: B = 0 after stages 1-2), `fresh()`'s where it has none.
+
+    A copy of the encoder has its LoRA B multiplied by
+    config.end_to_end.query_reasoner_init_scale (1: the encoder as it is; 0: the base's own
+    states, like a fresh adapter; in between: a weakened warm start, from which end-to-end
+    training has something to raise)."""
+    e2e = c.end_to_end
+    init = e2e.query_reasoner_init
+    if init not in QUERY_REASONER_INITS:
+        raise ValueError(f"config.end_to_end.query_reasoner_init: must be one of "
+                         f"{QUERY_REASONER_INITS}, got {init!r}")
+    own = adapters.get("query_reasoner")
+    if init == "keep" or (init == "auto" and own is not None and not is_untrained(own)):
+        if own is None:
+            if fresh is None:
+                raise ValueError("config.end_to_end.query_reasoner_init: 'keep' needs a "
+                                 "query reasoner in the start checkpoint; it has none")
+            own = fresh()["query_reasoner"]
+        return {**adapters, "query_reasoner": own}
+    scale = float(e2e.query_reasoner_init_scale)
 
     def copy(path, x):
         return x * scale if getattr(path[-1], "key", None) == "lora_b" else x
@@ -218,11 +283,11 @@ def make_step_setup(c: ml_collections.ConfigDict, model: Mistral, cfg: ClaraConf
                     mesh: Mesh) -> StepSetup:
     """The optimizer, steps and parameter shardings of the run described by `c` on `mesh`."""
     schedule = learning_rate_schedule(c.learning_rate, c.total_steps, c.warmup_ratio,
-                                      c.min_lr_ratio)
+                                      c.min_lr_ratio, c.lr_schedule)
     tx = make_optimizer(c.learning_rate, c.total_steps, warmup_ratio=c.warmup_ratio,
                         min_lr_ratio=c.min_lr_ratio, b1=c.b1, b2=c.b2,
                         weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm,
-                        accumulation_steps=c.grad_accum)
+                        accumulation_steps=c.grad_accum, lr_schedule=c.lr_schedule)
     if c.stage == "base_lm":
         shardings, notes = parameter_shardings(model.config, None, mesh)
         return StepSetup(tx, schedule, step_lib.make_base_lm_step(model, tx, schedule),
@@ -331,9 +396,9 @@ def build_run(c: ml_collections.ConfigDict, mesh: Mesh, model_cfg: MistralConfig
               k_instruct: int | None = None, num_layers: int | None = None) -> Run:
     """The run `c` on `mesh`, from the starting model's config and tokenizer vocabulary size
     (`model_configs`). `params` (its base weights, as loaded) gives a real state: the
-    vocabulary grown by `resize_vocab` where needed, `adapters` (or fresh ones) with their
-    query reasoner (`initial_query_reasoner`), everything placed on its shardings. None
-    gives an abstract one (`jax.eval_shape`). `k_instruct`: documents per instruct record
+    vocabulary grown by `resize_vocab` where needed, `adapters` (or fresh ones) as the stage
+    transition takes them (`start_adapters`), everything placed on its shardings. None gives
+    an abstract one (`jax.eval_shape`). `k_instruct`: documents per instruct record
     (default generation_top_k); `num_layers` replaces the depth, unrolled (for
     `clara_jax.aot.scan_corrected_cost`)."""
     model_cfg, cfg = model_configs(c, model_cfg, base_vocab)
@@ -356,9 +421,9 @@ def build_run(c: ml_collections.ConfigDict, mesh: Mesh, model_cfg: MistralConfig
             params = resize_vocab(params, model_cfg.vocab_size, np.random.default_rng(c.seed))
         params = place(params, setup.param_sharding)
         if cfg is not None:
-            adapters = adapters or fresh_adapters(model_cfg, cfg.lora,
-                                                  jax.random.key(c.seed + 1))
-            adapters = initial_query_reasoner(c, adapters)
+            fresh = functools.cache(functools.partial(
+                fresh_adapters, model_cfg, cfg.lora, jax.random.key(c.seed + 1)))
+            adapters = start_adapters(c, adapters, fresh)
             adapters = {n: place(a, setup.lora_sharding) for n, a in adapters.items()}
         state = make_state(params, adapters)
         sharding = state_sharding(state, setup, mesh)
