@@ -59,9 +59,11 @@ def test_build_program_uses_config_overrides_and_validates():
     assert batch["prompt_ids"].shape == (4, c.max_len)
     assert batch["doc_ids"].shape == (4, 1, c.doc_max_length + 3 + 16)
     assert "pos_mask" not in batch and "index" not in batch
-    # Only the trained adapters carry optimizer state; every leaf is abstract and sharded.
-    assert set(state.trainable) == {"encoder", "decoder"} and set(state.frozen) == {
-        "query_reasoner"}
+    # Only the trained adapters, and (pretrain's official default) the memory-token embedding
+    # rows, carry optimizer state; every leaf is abstract and sharded.
+    assert set(state.trainable) == {"encoder", "decoder", "mem_embeddings"}
+    assert set(state.frozen) == {"query_reasoner"}
+    assert state.trainable["mem_embeddings"].shape == (16, 128)
     leaves = jax.tree_util.tree_leaves(program.args)
     assert all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None for x in leaves)
     emb = state.base["embed_tokens"]["embedding"]
