@@ -19,7 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Linear layers of a Mistral block, in Hugging Face / PEFT naming. lm_head is never adapted.
+# Linear layers of a decoder block, in Hugging Face / PEFT naming (Phi-3's fused qkv_proj and
+# gate_up_proj are split into these on import). lm_head is never adapted.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -97,6 +98,8 @@ class Linear(nn.Module):
     """Dense layer contracting the trailing `in_dims` input axes, with an optional LoRA path.
 
     kernel: [*in, *features] with logical axes `kernel_axes`. Input [..., *in] -> [..., *features].
+    `use_bias` adds bias [*features] (the output axes of `kernel_axes`; Qwen2's q/k/v); LoRA
+    never adapts it.
     """
 
     features: tuple[int, ...]
@@ -106,6 +109,7 @@ class Linear(nn.Module):
     param_dtype: Any = jnp.float32
     lora: LoraConfig | None = None
     deterministic: bool = True
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -142,6 +146,11 @@ class Linear(nn.Module):
                 h = dropout(x2, self.lora.dropout, self.make_rng("dropout"))
             h = h @ a.reshape(fan_in, rank).astype(self.dtype)
             y = y + (h @ b.reshape(rank, fan_out).astype(self.dtype)) * (self.lora.alpha / rank)
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(
+                nn.initializers.zeros, self.kernel_axes[self.in_dims:]),
+                self.features, self.param_dtype)
+            y = y + bias.reshape(fan_out).astype(self.dtype)
         return y.reshape(*lead, *self.features)
 
 

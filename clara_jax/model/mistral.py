@@ -1,6 +1,7 @@
-"""Mistral decoder in Flax Linen, used purely functionally through `init` / `apply`.
+"""Mistral-style decoder in Flax Linen, used purely functionally through `init` / `apply`.
 
-Parameter tree (Hugging Face names; the layer axis L leads every block parameter):
+One module for Mistral, Llama, Qwen2 and Phi-3 (switches in `MistralConfig`). Parameter tree
+(Hugging Face names; the layer axis L leads every block parameter):
 
     embed_tokens/embedding                       [V, D]        (vocab, embed)
     layers/input_layernorm/scale                 [L, D]        (layers, embed)
@@ -12,6 +13,9 @@ Parameter tree (Hugging Face names; the layer axis L leads every block parameter
     norm/scale                                   [D]
     lm_head/kernel                               [D, V]        (embed, vocab)
 
+With `qkv_bias`, also layers/self_attn/{q,k,v}_proj/bias [L, H|K, hd]; with
+`tie_word_embeddings`, no lm_head (logits = hidden @ embedding^T).
+
 LoRA adapters, when given, are a `lora` collection with the same paths (see `lora.py`).
 The layer stack always runs through `nn.scan`; `scan_layers=False` unrolls that loop in XLA
 with the same parameter layout, so checkpoints do not depend on the execution mode.
@@ -19,6 +23,7 @@ with the same parameter layout, so checkpoints do not depend on the execution mo
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -71,16 +76,49 @@ class RMSNorm(nn.Module):
         return scale.astype(self.dtype) * y.astype(self.dtype)
 
 
-def rotary_embedding(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Applies RoPE (rotate-half convention) to x [B, T, N, hd] at positions [B, T]."""
-    hd = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+def rope_frequencies(config: MistralConfig) -> tuple[jax.Array, float]:
+    """(inverse frequencies [rotary_dim / 2] in radians per position, float32; cos / sin
+    multiplier) of the config's RoPE, scaling applied ("llama3": frequencies whose wavelength
+    exceeds the original context / low_freq_factor divided by the factor, a linear ramp
+    between that band and original / high_freq_factor; "longrope": divided by the short
+    factors, with the attention multiplier)."""
+    dim = config.rotary_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    multiplier = 1.0
+    original = config.rope_original_max_position_embeddings
+    if config.rope_scaling == "llama3":
+        factor, low, high = (config.rope_factor, config.rope_low_freq_factor,
+                             config.rope_high_freq_factor)
+        wavelength = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelength > original / low, inv_freq / factor, inv_freq)
+        ramp = (original / wavelength - low) / (high - low)
+        smoothed = (1 - ramp) * scaled / factor + ramp * scaled
+        medium = (wavelength >= original / high) & (wavelength <= original / low)
+        inv_freq = jnp.where(medium, smoothed, scaled)
+    elif config.rope_scaling == "longrope":
+        inv_freq = inv_freq / jnp.asarray(config.rope_short_factor, jnp.float32)
+        ratio = config.max_position_embeddings / original
+        if ratio > 1.0:
+            multiplier = math.sqrt(1 + math.log(ratio) / math.log(original))
+    return inv_freq, multiplier
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+                     multiplier: float = 1.0) -> jax.Array:
+    """Applies RoPE (rotate-half convention) to the leading 2 * len(inv_freq) dims of each head
+    of x [B, T, N, hd] at positions [B, T]; the remaining dims pass through (partial rotary)."""
+    rot = 2 * inv_freq.shape[0]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, rot/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
-    x1, x2 = jnp.split(x, 2, axis=-1)
+    cos, sin = jnp.cos(emb), jnp.sin(emb)
+    if multiplier != 1.0:
+        cos, sin = cos * multiplier, sin * multiplier
+    cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    x1, x2 = jnp.split(x_rot, 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return x * cos + rotated * sin
+    out = x_rot * cos + rotated * sin
+    return out if rot == x.shape[-1] else jnp.concatenate([out, x_pass], axis=-1)
 
 
 class Attention(nn.Module):
@@ -93,15 +131,17 @@ class Attention(nn.Module):
         c = self.config
         dense = dict(dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype), lora=self.lora,
                      deterministic=self.deterministic)
+        qkv = dict(dense, use_bias=c.qkv_bias)
         q = Linear((c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), name="q_proj",
-                   **dense)(x)
+                   **qkv)(x)
         k = Linear((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"),
-                   name="k_proj", **dense)(x)
+                   name="k_proj", **qkv)(x)
         v = Linear((c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"),
-                   name="v_proj", **dense)(x)
-        q = constrain(rotary_embedding(q, positions, c.rope_theta),
+                   name="v_proj", **qkv)(x)
+        inv_freq, multiplier = rope_frequencies(c)
+        q = constrain(rotary_embedding(q, positions, inv_freq, multiplier),
                       ("batch", "length", "heads", "head_dim"))
-        k = constrain(rotary_embedding(k, positions, c.rope_theta),
+        k = constrain(rotary_embedding(k, positions, inv_freq, multiplier),
                       ("batch", "length", "kv_heads", "head_dim"))
         v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
         new_cache = None
@@ -160,19 +200,25 @@ def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
 
 
 class TokenEmbed(nn.Module):
-    """The token embedding table embedding [V, D] (vocab, embed) and its lookup."""
+    """The token embedding table embedding [V, D] (vocab, embed), its lookup and (tied
+    embeddings) its use as the output projection."""
 
     vocab_size: int
     features: int
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(self, ids: jax.Array) -> jax.Array:
-        table = self.param("embedding", nn.with_logical_partitioning(
+    def setup(self):
+        self.embedding = self.param("embedding", nn.with_logical_partitioning(
             nn.initializers.normal(0.02), ("vocab", "embed")),
             (self.vocab_size, self.features), self.param_dtype)
-        return lookup(table.astype(self.dtype), ids)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return lookup(self.embedding.astype(self.dtype), ids)
+
+    def attend(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., D] @ embedding^T -> logits [..., V]."""
+        return jnp.einsum("...d,vd->...v", hidden, self.embedding.astype(self.dtype))
 
 
 class Mistral(nn.Module):
@@ -239,7 +285,10 @@ class Mistral(nn.Module):
         hidden = RMSNorm(c.rms_norm_eps, dtype=dtype, param_dtype=param_dtype, name="norm")(x)
         hidden = constrain(hidden, ("batch", "length", "embed"))
         logits = None
-        if compute_logits or self.is_initializing():
+        if c.tie_word_embeddings:
+            if compute_logits:
+                logits = constrain(embed.attend(hidden), ("batch", "length", "vocab"))
+        elif compute_logits or self.is_initializing():
             logits = Linear((c.vocab_size,), ("embed", "vocab"), dtype=dtype,
                             param_dtype=param_dtype, name="lm_head")(hidden)
             logits = constrain(logits, ("batch", "length", "vocab"))
@@ -283,6 +332,11 @@ def parameter_shardings(config: MistralConfig, lora: LoraConfig | None, mesh
 
 
 def project_logits(params: dict, hidden: jax.Array) -> jax.Array:
-    """lm_head applied to hidden states [..., D] -> logits [..., V] (float32)."""
-    kernel = params["lm_head"]["kernel"]
-    return jnp.einsum("...d,dv->...v", hidden, kernel.astype(hidden.dtype)).astype(jnp.float32)
+    """The output projection applied to hidden states [..., D] -> logits [..., V] (float32):
+    lm_head, or the embedding table transposed in a tree without one (tied embeddings)."""
+    if "lm_head" in params:
+        kernel = params["lm_head"]["kernel"]
+        return jnp.einsum("...d,dv->...v", hidden, kernel.astype(hidden.dtype)
+                          ).astype(jnp.float32)
+    table = params["embed_tokens"]["embedding"]
+    return jnp.einsum("...d,vd->...v", hidden, table.astype(hidden.dtype)).astype(jnp.float32)
