@@ -1,6 +1,8 @@
 """Checkpoint conversion: the command line over `clara_jax.clara.formats`.
 
     python -m clara_jax.convert hf-mistral --model_dir HF_DIR --out_dir CKPT [--dtype bfloat16]
+        (any supported decoder: Mistral, Llama, Qwen2, Phi-3; docs/backbones.md)
+    python -m clara_jax.convert verify-hf --model_dir HF_DIR [--checkpoint CKPT] [--tolerance 1e-4]
     python -m clara_jax.convert export-hf --checkpoint CKPT --out_dir HF_DIR [--dtype ...]
     python -m clara_jax.convert apple --clara_dir RELEASE --base_model_dir HF_DIR --out_dir DIR
     python -m clara_jax.convert export-apple --checkpoint CLARA_DIR_OR_WORKDIR --out_dir RELEASE \
@@ -21,9 +23,15 @@ from clara_jax.clara.formats.hf_mistral import (convert_hf_to_checkpoint, load_c
                                                 save_hf_mistral)
 from clara_jax.clara.model import Clara
 from clara_jax.convert.adapters import export_trainable, import_trainable
+from clara_jax.convert.verify import TOLERANCE, verify_hf
 
-flags.DEFINE_string("model_dir", None, "Hugging Face Mistral directory (config.json, safetensors).")
-flags.DEFINE_string("checkpoint", None, "Our checkpoint directory (or a saved Clara).")
+flags.DEFINE_string("model_dir", None, "Hugging Face decoder directory (config.json, "
+                    "safetensors): Mistral, Llama, Qwen2 or Phi-3.")
+flags.DEFINE_string("checkpoint", None, "Our checkpoint directory (or a saved Clara); for "
+                    "verify-hf, a converted checkpoint of --model_dir to check instead of "
+                    "reading --model_dir.")
+flags.DEFINE_float("tolerance", TOLERANCE, "verify-hf: the largest max |logit difference| "
+                   "that passes.")
 flags.DEFINE_string("clara_dir", None, "Apple CLaRa release (config.json, adapters.pth, ...).")
 flags.DEFINE_string("base_model_dir", None, "Base model directory under an Apple release or an "
                     "adapter bundle (HF Mistral, or for import-adapters also our checkpoint).")
@@ -38,7 +46,7 @@ flags.DEFINE_string("training_stage", None, "export-apple: Apple's training_stag
 flags.DEFINE_string("dtype", None, "Cast weights to this dtype (float32, bfloat16, float16).")
 flags.DEFINE_bool("overwrite", False, "Replace a non-empty out_dir.")
 FLAGS = flags.FLAGS
-VERBS = ("hf-mistral", "export-hf", "apple", "export-apple", "export-adapters", "import-adapters")
+VERBS = ("hf-mistral", "verify-hf", "export-hf", "apple", "export-apple", "export-adapters", "import-adapters")
 
 
 def _need(*names):
@@ -57,6 +65,16 @@ def main(argv):
                                        FLAGS.overwrite)
         print(f"{FLAGS.model_dir} -> {FLAGS.out_dir}: {cfg.num_params:,} parameters, "
               f"{cfg.param_dtype}, {time.time() - t0:.1f} s")
+    elif verb == "verify-hf":
+        _need("model_dir")
+        parity = verify_hf(FLAGS.model_dir, FLAGS.checkpoint)
+        ok = parity.max_abs_diff <= FLAGS.tolerance
+        print(f"{FLAGS.checkpoint or FLAGS.model_dir} ({parity.architecture}) vs transformers "
+              f"on {FLAGS.model_dir}: max |logit difference| {parity.max_abs_diff:.3g} over "
+              f"{parity.num_sequences} sequences of {parity.length} tokens (float32), "
+              f"{'within' if ok else 'ABOVE'} {FLAGS.tolerance:g}, {time.time() - t0:.1f} s")
+        if not ok:
+            raise SystemExit(1)
     elif verb == "export-hf":
         _need("checkpoint", "out_dir")
         cfg, params = load_checkpoint(FLAGS.checkpoint)

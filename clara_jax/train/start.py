@@ -81,20 +81,22 @@ def run_tokenizer(c: ml_collections.ConfigDict, tokenizer_path: str) -> ClaraTok
 
 
 def resize_vocab(params: dict, vocab: int, rng: np.random.Generator) -> dict:
-    """Grows embed_tokens and lm_head to `vocab` rows; new rows are the mean of the existing
-    rows plus N(0, 0.02) noise (the added special tokens start near the average token)."""
+    """Grows embed_tokens and lm_head (absent with tied embeddings) to `vocab` rows; new rows
+    are the mean of the existing rows plus N(0, 0.02) noise (the added special tokens start
+    near the average token)."""
     emb = np.asarray(params["embed_tokens"]["embedding"])
-    head = np.asarray(params["lm_head"]["kernel"])
     old = emb.shape[0]
     if vocab < old:
         raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab}")
     if vocab == old:
         return params
     new_e = emb.mean(0) + 0.02 * rng.standard_normal((vocab - old, emb.shape[1]))
-    new_h = head.mean(1)[:, None] + 0.02 * rng.standard_normal((head.shape[0], vocab - old))
     out = dict(params)
     out["embed_tokens"] = {"embedding": np.concatenate([emb, new_e.astype(emb.dtype)])}
-    out["lm_head"] = {"kernel": np.concatenate([head, new_h.astype(head.dtype)], axis=1)}
+    if "lm_head" in params:
+        head = np.asarray(params["lm_head"]["kernel"])
+        new_h = head.mean(1)[:, None] + 0.02 * rng.standard_normal((head.shape[0], vocab - old))
+        out["lm_head"] = {"kernel": np.concatenate([head, new_h.astype(head.dtype)], axis=1)}
     return out
 
 
@@ -104,6 +106,9 @@ def head_from_embedding(params: dict) -> dict:
     that holds a token's embedding then already scores that token highest, so copying a word
     from the context, the skill a reader needs, is one attention map away instead of also
     needing an output map learnt from scratch: on the demo's reading lessons the tiny base
-    answers from its document within a few hundred steps instead of not at all."""
+    answers from its document within a few hundred steps instead of not at all. With tied
+    embeddings (no lm_head) the output projection already is the embedding: unchanged."""
+    if "lm_head" not in params:
+        return params
     embedding = params["embed_tokens"]["embedding"]
     return {**params, "lm_head": {**params["lm_head"], "kernel": np.array(embedding).T.copy()}}

@@ -75,7 +75,8 @@ def save(out_dir: str, parts: ClaraParts) -> dict:
     for name, adapter in sorted(host.adapters.items()):
         tensors.update(_flatten(adapter, f"adapters/{name}"))
     tensors[f"{_ADDED}/embed_tokens"] = np.asarray(params["embed_tokens"]["embedding"])[base_vocab:]
-    tensors[f"{_ADDED}/lm_head"] = np.asarray(params["lm_head"]["kernel"])[:, base_vocab:]
+    if "lm_head" in params:  # absent with tied embeddings
+        tensors[f"{_ADDED}/lm_head"] = np.asarray(params["lm_head"]["kernel"])[:, base_vocab:]
     config = {
         "format": FORMAT,
         "base_vocab_size": base_vocab,
@@ -148,12 +149,15 @@ def load(bundle_dir: str, base_dir: str) -> ClaraParts:
                              f"{st.shape(name) if name in st.header else 'missing'}, "
                              f"{CONFIG_FILE} says {info['shape']}")
     flat = {n: np.array(st.get(n)) for n in st.names()}
-    emb, head = flat.pop(f"{_ADDED}/embed_tokens"), flat.pop(f"{_ADDED}/lm_head")
+    emb = flat.pop(f"{_ADDED}/embed_tokens")
     table = np.asarray(params["embed_tokens"]["embedding"])
-    kernel = np.asarray(params["lm_head"]["kernel"])
     params = dict(params)
     params["embed_tokens"] = {"embedding": np.concatenate([table, emb.astype(table.dtype)])}
-    params["lm_head"] = {"kernel": np.concatenate([kernel, head.astype(kernel.dtype)], axis=1)}
+    if not model_cfg.tie_word_embeddings:
+        head = flat.pop(f"{_ADDED}/lm_head")
+        kernel = np.asarray(params["lm_head"]["kernel"])
+        params["lm_head"] = {"kernel": np.concatenate([kernel, head.astype(kernel.dtype)],
+                                                      axis=1)}
     if params["embed_tokens"]["embedding"].shape[0] != model_cfg.vocab_size:
         raise ValueError(f"{bundle_dir}: {base_vocab} base + {emb.shape[0]} added rows != the "
                          f"bundle's vocabulary {model_cfg.vocab_size}")

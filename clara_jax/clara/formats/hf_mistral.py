@@ -169,8 +169,9 @@ def config_to_hf(cfg: MistralConfig, torch_dtype: str = "float32") -> dict:
     if cfg.architecture == "qwen2":
         out.update(use_sliding_window=False, max_window_layers=cfg.num_layers)
     if cfg.architecture == "phi3":
+        # pad_token_id: Phi3Config's default (32000) is outside smaller vocabularies.
         out.update(partial_rotary_factor=cfg.partial_rotary_factor, resid_pdrop=0.0,
-                   embd_pdrop=0.0)
+                   embd_pdrop=0.0, pad_token_id=None)
     if cfg.rope_scaling == "llama3":
         out["rope_scaling"] = {
             "rope_type": "llama3", "factor": cfg.rope_factor,
