@@ -284,3 +284,26 @@ def test_clara_stage1_loss_trains_lora_on_every_linear(backbones, name):
             for part in ("lora_a", "lora_b"):
                 norm = float(jnp.linalg.norm(g[part]))
                 assert np.isfinite(norm) and norm > 0, (role, target, part)
+
+
+@pytest.mark.parametrize("preset", ("llama3_2_1b", "qwen2_5_1_5b", "phi4_mini"))
+def test_aot_builds_stage1_for_the_backbone_presets(preset):
+    """`python -m clara_jax.aot` builds the stage-1 step of each preset (abstract, sharded,
+    traced; not compiled): the published sizes, tied embeddings without an lm_head."""
+    from clara_jax import aot, parallel
+    from config_files import load_config
+    c = load_config(os.path.join("configs", "pretrain.py"), f"model={preset}",
+                    **{"mesh.data": 2, "mesh.fsdp": 4, "batch_size": 8, "max_len": 256})
+    program = aot.build_program(c, jax.devices()[:8])
+    state, batch = program.args
+    cfg = program.model_cfg
+    assert cfg.architecture == {"llama3_2_1b": "llama", "qwen2_5_1_5b": "qwen2",
+                                "phi4_mini": "phi3"}[preset]
+    assert "lm_head" not in state.base
+    assert state.base["embed_tokens"]["embedding"].shape == (cfg.vocab_size, cfg.hidden_size)
+    assert ("bias" in state.base["layers"]["self_attn"]["q_proj"]) == (preset == "qwen2_5_1_5b")
+    assert set(state.trainable["encoder"]["layers"]["mlp"]) == {"gate_proj", "up_proj",
+                                                                 "down_proj"}
+    with parallel.axis_rules(program.mesh):
+        _, metrics = jax.eval_shape(program.fn, state, batch)
+    assert metrics["loss"].shape == ()

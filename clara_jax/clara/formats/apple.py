@@ -257,8 +257,9 @@ def load_apple(clara_dir: str, base_params: dict, base_cfg: MistralConfig
     params = dict(base_params)
     params["embed_tokens"] = {"embedding": tables["embed"].astype(
         np.asarray(base_params["embed_tokens"]["embedding"]).dtype)}
-    params["lm_head"] = {"kernel": tables["lm_head"].T.astype(
-        np.asarray(base_params["lm_head"]["kernel"]).dtype)}
+    if not base_cfg.tie_word_embeddings:  # tied: lm_head.weight is the embedding table
+        params["lm_head"] = {"kernel": tables["lm_head"].T.astype(
+            np.asarray(base_params["lm_head"]["kernel"]).dtype)}
 
     raw = torch.load(paths["adapters.pth"], map_location="cpu", weights_only=True)
     adapters = {}
@@ -295,7 +296,8 @@ def _write_release(out_dir: str, params: dict, adapters: dict[str, dict],
              for apple, ours in APPLE_ADAPTERS.items() if ours in adapters}
     torch.save(state, os.path.join(out_dir, "adapters.pth"))
     embed = np.array(params["embed_tokens"]["embedding"], np.float32)  # writable, for torch
-    head = np.asarray(params["lm_head"]["kernel"], np.float32).T.copy()
+    head = (np.asarray(params["lm_head"]["kernel"], np.float32).T.copy()
+            if "lm_head" in params else embed.copy())   # tied embeddings: the same table
     torch.save({"model.embed_tokens.weight": torch.from_numpy(embed),
                 "lm_head.weight": torch.from_numpy(head)},
                os.path.join(out_dir, "decoder_first_last_layers.pth"))
@@ -388,7 +390,8 @@ def _write_hf_base(out_dir: str, parts: ClaraParts, base_vocab: int) -> None:
     params = dict(parts.params)
     params["embed_tokens"] = {"embedding": np.asarray(
         parts.params["embed_tokens"]["embedding"])[:base_vocab]}
-    params["lm_head"] = {"kernel": np.asarray(parts.params["lm_head"]["kernel"])[:, :base_vocab]}
+    if "lm_head" in parts.params:
+        params["lm_head"] = {"kernel": np.asarray(parts.params["lm_head"]["kernel"])[:, :base_vocab]}
     save_hf_mistral(parts.model_config.replace(vocab_size=base_vocab), params, out_dir,
                     tokenizer_path=parts.tokenizer_path)
     save_hf_tokenizer(parts.tokenizer_path, out_dir)
