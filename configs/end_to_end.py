@@ -1,6 +1,6 @@
 # python -m clara_jax.train --config=configs/end_to_end.py:model=tiny --workdir=workdir/end_to_end
 """CLaRa stage `end_to_end` (Apple's stage2, scripts/train_stage_end_to_end.sh);
-`:model=tiny|mid|mistral_7b`."""
+`:model=tiny|mid|mistral_7b|llama3_2_1b|qwen2_5_1_5b|phi4_mini`."""
 
 from configs import common
 

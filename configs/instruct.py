@@ -1,6 +1,6 @@
 # python -m clara_jax.train --config=configs/instruct.py:model=tiny --workdir=workdir/instruct
 """CLaRa stage `instruct` (Apple's stage1_2, scripts/train_instruction_tuning.sh);
-`:model=tiny|mid|mistral_7b`."""
+`:model=tiny|mid|mistral_7b|llama3_2_1b|qwen2_5_1_5b|phi4_mini`."""
 
 from configs import common
 

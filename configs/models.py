@@ -1,5 +1,6 @@
 # python -c "from configs import models; print(models.get_config('tiny'))"
-"""Model presets as ml-collections ConfigDicts: `get_config("tiny" | "mid" | "mistral_7b")`.
+"""Model presets as ml-collections ConfigDicts: `get_config("tiny" | "mid" | "mistral_7b" |
+"llama3_2_1b" | "qwen2_5_1_5b" | "phi4_mini")`.
 
 The presets themselves live in `clara_jax.model.config.PRESETS` (so installed code resolves a
 preset name without this folder); this file is the command-line view of them, e.g.

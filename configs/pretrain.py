@@ -1,6 +1,6 @@
 # python -m clara_jax.train --config=configs/pretrain.py:model=tiny --workdir=workdir/pretrain
 """CLaRa stage `pretrain` (Apple's stage1, scripts/train_pretraining.sh);
-`:model=tiny|mid|mistral_7b`."""
+`:model=tiny|mid|mistral_7b|llama3_2_1b|qwen2_5_1_5b|phi4_mini`."""
 
 from configs import common
 

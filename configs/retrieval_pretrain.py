@@ -1,5 +1,6 @@
 # python -m clara_jax.train --config=configs/retrieval_pretrain.py:model=tiny --workdir=workdir/retrieval_pretrain
-"""CLaRa stage `retrieval_pretrain`; `:model=tiny|mid|mistral_7b`."""
+"""CLaRa stage `retrieval_pretrain`;
+`:model=tiny|mid|mistral_7b|llama3_2_1b|qwen2_5_1_5b|phi4_mini`."""
 
 from configs import common
 
