@@ -165,8 +165,8 @@ def test_verify_hf_passes(backbones, name):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "clara_jax.convert", *args],
-                          capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    return subprocess.run([sys.executable, "-m", "clara_jax.convert", *args], capture_output=True,
+                          text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
 @pytest.mark.slow

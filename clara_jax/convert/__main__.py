@@ -46,7 +46,8 @@ flags.DEFINE_string("training_stage", None, "export-apple: Apple's training_stag
 flags.DEFINE_string("dtype", None, "Cast weights to this dtype (float32, bfloat16, float16).")
 flags.DEFINE_bool("overwrite", False, "Replace a non-empty out_dir.")
 FLAGS = flags.FLAGS
-VERBS = ("hf-mistral", "verify-hf", "export-hf", "apple", "export-apple", "export-adapters", "import-adapters")
+VERBS = ("hf-mistral", "verify-hf", "export-hf", "apple", "export-apple", "export-adapters",
+         "import-adapters")
 
 
 def _need(*names):

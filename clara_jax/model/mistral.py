@@ -222,7 +222,8 @@ class TokenEmbed(nn.Module):
 
 
 class Mistral(nn.Module):
-    """Mistral decoder. `lora` enables the adapter path (active when a `lora` collection is given)."""
+    """The decoder (Mistral and its variants, by config). `lora` enables the adapter path
+    (active when a `lora` collection is given)."""
 
     config: MistralConfig
     lora: LoraConfig | None = None

@@ -391,7 +391,8 @@ def _write_hf_base(out_dir: str, parts: ClaraParts, base_vocab: int) -> None:
     params["embed_tokens"] = {"embedding": np.asarray(
         parts.params["embed_tokens"]["embedding"])[:base_vocab]}
     if "lm_head" in parts.params:
-        params["lm_head"] = {"kernel": np.asarray(parts.params["lm_head"]["kernel"])[:, :base_vocab]}
+        head = np.asarray(parts.params["lm_head"]["kernel"])
+        params["lm_head"] = {"kernel": head[:, :base_vocab]}
     save_hf_mistral(parts.model_config.replace(vocab_size=base_vocab), params, out_dir,
                     tokenizer_path=parts.tokenizer_path)
     save_hf_tokenizer(parts.tokenizer_path, out_dir)
