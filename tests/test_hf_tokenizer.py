@@ -427,8 +427,7 @@ class _Official(Official):
 
 
 def test_prompt_batches_match_the_official_recipe(pair):
-    layout, _, tok, hf = pair
-    rng = random.Random(5)
+    _, _, tok, hf = pair
     qs = ["who is the genus?", "東京 1987\n", "a:\\ b  c", "Paris, France."]
     ans = ["the plant.", "Ω 🙂", "no", "yes\n\n2"]
     ref = _Official(hf, k=2)
@@ -455,7 +454,6 @@ def test_prompt_batches_match_the_official_recipe(pair):
         [{"role": "system", "content": prompts.SYSTEM_ANSWER},
          {"role": "user", "content": "Question:who?"}], tokenize=False,
         add_generation_prompt=True)
-    del rng, layout
 
 
 def test_system_role_fallback(pair):
