@@ -96,7 +96,7 @@ def split_prefix(tok: ClaraTokenizer, batch: prompts.DecoderBatch, length_bucket
     if mem.shape[1]:
         limit = int((mem[:, 0] - (ids.shape[1] - mask.sum(1))).min())
     else:
-        limit = len(tok.encode(prompts.system_prefix(prompts.SYSTEM_ANSWER, bos=tok.bos_token)))
+        limit = len(tok.encode(prompts.system_prefix(prompts.SYSTEM_ANSWER, tok)))
     prefix, ids_s, mask_s = decode.split_shared_prefix(ids, mask, limit, length_bucket)
     if prefix.shape[1] == 0:
         return ids, mask, mem, None

@@ -233,8 +233,9 @@ class Clara:
         """Baseline: answers without documents (`prompts.closed_book_string`), by the base
         model alone (adapter None) or under the named adapter."""
         check_texts(questions, "questions")
-        return self._from_text([prompts.closed_book_string(q) for q in questions],
-                               max_new_tokens, adapter)
+        return self._from_text(
+            [prompts.closed_book_string(q, tok=self.tokenizer) for q in questions],
+            max_new_tokens, adapter)
 
     def generate_from_full_text(self, questions: Sequence[str],
                                 documents: Sequence[Sequence[str]], max_new_tokens: int = 64,
@@ -250,7 +251,8 @@ class Clara:
                 raise ValueError(f"documents[{i}] is a string; expected a list of documents")
             check_texts(docs, f"documents[{i}]")
         return self._from_text(
-            [prompts.full_text_string(q, d) for q, d in zip(questions, documents)],
+            [prompts.full_text_string(q, d, tok=self.tokenizer)
+             for q, d in zip(questions, documents)],
             max_new_tokens, adapter)
 
     def generate_from_text(self, questions: Sequence[str], documents: Sequence[Sequence[str]],

@@ -4,14 +4,16 @@ Every string and layout reproduces apple/ml-clara (the released checkpoints were
 them); file:line references are to that repository:
   M = openrlhf/models/modeling_clara.py, D = openrlhf/datasets/sft_dataset.py.
 
-Encoder input (M:886-911): the string `<ENC><s>{text}</s>`, tokenised without added special
-tokens, right-truncated to max_length + 3, LEFT padded with pad = bos to max_length + 3, then
-the n memory tokens appended (mask 1): shape [N, max_length + 3 + n]. Documents use
-max_length = doc_max_length (D:121); stage-3 training queries use the decoder max length
-(D:194), inference queries doc_max_length (M:635).
+Encoder input (M:886-911): the string `<ENC>{bos}{text}{eos}` (Mistral: `<ENC><s>{text}</s>`),
+tokenised without added special tokens, right-truncated to max_length + 3, LEFT padded with
+pad (Mistral: pad = bos) to max_length + 3, then the n memory tokens appended (mask 1):
+shape [N, max_length + 3 + n]. Documents use max_length = doc_max_length (D:121); stage-3
+training queries use the decoder max length (D:194), inference queries doc_max_length (M:635).
 
-Decoder prompts (M:975-1181) use Mistral-7B-Instruct-v0.2's chat template, whose system
-message is folded into the first user turn:
+Decoder prompts (M:975-1181) are [system, user(, assistant)] conversations in the decoder's
+own chat template (`clara.chat`: the prompt with add_generation_prompt, the row with the
+answer without it). For Mistral-7B-Instruct-v0.2 (the sentencepiece tokenizer's default),
+whose system message is folded into the first user turn:
   prompt   = "<s> [INST] {system}\\n\\n{user} [/INST]"
   response = prompt + " {assistant}</s>"
 (add_generation_prompt adds nothing for this template). Each of the k documents is its n
@@ -34,6 +36,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from clara_jax.clara import chat
 from clara_jax.clara.tokenizer import ClaraTokenizer
 
 IGNORE_INDEX = -100  # M:40
@@ -91,17 +94,34 @@ def memory_slots(tok: ClaraTokenizer, k: int) -> str:
     return ("".join(tok.mem_tokens) + tok.sep_token) * k
 
 
-def system_prefix(system: str, *, bos: str = "<s>") -> str:
-    """The text every `mistral_chat` prompt with this system message starts with."""
-    return f"{bos} [INST] {system}\n\n"
+def _template(tok: ClaraTokenizer | None) -> tuple:
+    """(compiled chat template, special-tokens map) of tok; Mistral's with <s> / </s> for
+    None."""
+    if tok is None:
+        return chat.MISTRAL_TEMPLATE, chat.MISTRAL_SPECIAL_TOKENS
+    return tok.compiled_chat_template, tok.special_tokens_map
+
+
+def chat_string(tok: ClaraTokenizer | None, system: str, user: str,
+                assistant: str | None = None) -> str:
+    """[system, user(, assistant)] in tok's chat template (`chat.system_user_chat`: without
+    an assistant turn the generation prompt is added); tok None: Mistral-7B-Instruct-v0.2's
+    with <s> / </s>."""
+    return chat.system_user_chat(*_template(tok), system, user, assistant)
+
+
+def system_prefix(system: str, tok: ClaraTokenizer | None = None) -> str:
+    """The text every `chat_string` prompt with this system message starts with (for
+    Mistral: "<s> [INST] {system}\\n\\n")."""
+    return chat.system_prefix(*_template(tok), system)
 
 
 def mistral_chat(system: str, user: str, assistant: str | None = None, *,
                  bos: str = "<s>", eos: str = "</s>") -> str:
-    """Mistral-7B-Instruct-v0.2's chat template for [system, user(, assistant)]: the system
-    message joins the user turn; add_generation_prompt makes no difference."""
-    text = f"{system_prefix(system, bos=bos)}{user} [/INST]"
-    return text if assistant is None else f"{text} {assistant}{eos}"
+    """Mistral-7B-Instruct-v0.2's format: "{bos} [INST] {system}\\n\\n{user} [/INST]"
+    (+ " {assistant}{eos}"); add_generation_prompt makes no difference."""
+    return chat.system_user_chat(chat.MISTRAL_TEMPLATE, {"bos_token": bos, "eos_token": eos},
+                                 system, user, assistant)
 
 
 def _user(text: str) -> str:
@@ -113,11 +133,11 @@ def qa_strings(tok: ClaraTokenizer, questions: Sequence[str], answers: Sequence[
     """Stage-1 QA (M:991-1032): user "Background:\\n{docs}"; assistant = the lines
     "Question: {q}\\nAnswer: {a}" joined by "\\n". Returns (prompt, response or None)."""
     user = _user(f"Background:\n{memory_slots(tok, k)}")
-    prompt = mistral_chat(SYSTEM_QA, user, bos=tok.bos_token, eos=tok.eos_token)
+    prompt = chat_string(tok, SYSTEM_QA, user)
     if answers is None:
         return prompt, None
     target = "\n".join(f"Question: {q}\nAnswer: {a}" for q, a in zip(questions, answers))
-    return prompt, mistral_chat(SYSTEM_QA, user, target, bos=tok.bos_token, eos=tok.eos_token)
+    return prompt, chat_string(tok, SYSTEM_QA, user, target)
 
 
 def paraphrase_strings(tok: ClaraTokenizer, answer: str | None, k: int, instruction: int
@@ -126,11 +146,10 @@ def paraphrase_strings(tok: ClaraTokenizer, answer: str | None, k: int, instruct
     {docs} = the memory slots; assistant = the paraphrase (the record's answers[0], D:130-136).
     """
     user = _user(PARAPHRASE_INSTRUCTIONS[instruction].format(docs=memory_slots(tok, k)))
-    prompt = mistral_chat(SYSTEM_PARAPHRASE, user, bos=tok.bos_token, eos=tok.eos_token)
+    prompt = chat_string(tok, SYSTEM_PARAPHRASE, user)
     if answer is None:
         return prompt, None
-    return prompt, mistral_chat(SYSTEM_PARAPHRASE, user, answer, bos=tok.bos_token,
-                                eos=tok.eos_token)
+    return prompt, chat_string(tok, SYSTEM_PARAPHRASE, user, answer)
 
 
 def answer_strings(tok: ClaraTokenizer, question: str, answer: str | None, k: int
@@ -138,32 +157,33 @@ def answer_strings(tok: ClaraTokenizer, question: str, answer: str | None, k: in
     """Instruction tuning and end-to-end (M:1079-1122, M:1124-1181, identical strings):
     user "Background:\\n{docs}\\n\\nQuestion:{q}" (no space after the colon)."""
     user = _user(f"Background:\n{memory_slots(tok, k)}\n\nQuestion:{question}")
-    prompt = mistral_chat(SYSTEM_ANSWER, user, bos=tok.bos_token, eos=tok.eos_token)
+    prompt = chat_string(tok, SYSTEM_ANSWER, user)
     if answer is None:
         return prompt, None
-    return prompt, mistral_chat(SYSTEM_ANSWER, user, answer, bos=tok.bos_token,
-                                eos=tok.eos_token)
+    return prompt, chat_string(tok, SYSTEM_ANSWER, user, answer)
 
 
 # Baselines over the same backbone (not in the official code): the instruct layout and system
 # text of `answer_strings` with no documents, or with the documents' text where the memory
-# slots would be. Pure functions of their arguments; with an answer the string ends
-# " {answer}</s>" (the loss covers the answer and `</s>`), without one it ends " [/INST]".
+# slots would be, in tok's chat template (tok None: Mistral's). Pure functions of their
+# arguments; for Mistral, with an answer the string ends " {answer}</s>" (the loss covers
+# the answer and `</s>`), without one it ends " [/INST]".
 
-def closed_book_string(question: str, answer: str | None = None) -> str:
+def closed_book_string(question: str, answer: str | None = None,
+                       tok: ClaraTokenizer | None = None) -> str:
     """Closed book: "<s> [INST] {SYSTEM_ANSWER}\\n\\nQuestion:{q} [/INST]"( " {a}</s>")."""
-    return mistral_chat(SYSTEM_ANSWER, _user(f"Question:{question}"), answer)
+    return chat_string(tok, SYSTEM_ANSWER, _user(f"Question:{question}"), answer)
 
 
-def full_text_string(question: str, documents: Sequence[str], answer: str | None = None
-                     ) -> str:
+def full_text_string(question: str, documents: Sequence[str], answer: str | None = None,
+                     tok: ClaraTokenizer | None = None) -> str:
     """Text RAG: the instruct layout with "Background:\\n" followed by the documents' text,
     one per line (newlines inside a document become spaces), then "\\n\\nQuestion:{q}"."""
     if isinstance(documents, str):
         raise TypeError("documents must be a sequence of strings, not one string")
     background = "\n".join(d.replace("\n", " ") for d in documents)
-    return mistral_chat(SYSTEM_ANSWER, _user(f"Background:\n{background}\n\nQuestion:{question}"),
-                        answer)
+    return chat_string(tok, SYSTEM_ANSWER,
+                       _user(f"Background:\n{background}\n\nQuestion:{question}"), answer)
 
 
 def text_batch(tok: ClaraTokenizer, questions: Sequence[str],
@@ -179,8 +199,8 @@ def text_batch(tok: ClaraTokenizer, questions: Sequence[str],
     pairs = []
     for i, q in enumerate(questions):
         a = None if answers is None else answers[i]
-        make = ((lambda ans: closed_book_string(q, ans)) if documents is None else
-                (lambda ans: full_text_string(q, documents[i], ans)))
+        make = ((lambda ans: closed_book_string(q, ans, tok)) if documents is None else
+                (lambda ans: full_text_string(q, documents[i], ans, tok)))
         pairs.append((make(None), None if a is None else make(a)))
     return build_decoder_batch(tok, pairs, 0, max_len)
 
