@@ -217,11 +217,13 @@ def test_a_base_without_encoder_reads_only_full_text_with_the_gold_document(tmp_
 
 def test_cpu_groups_split_this_process_cpus():
     cpus = sorted(os.sched_getaffinity(0))
-    for n in (1, 2, 3, 64):
+    for n in range(1, len(cpus) + 1):        # disjoint groups covering every CPU
         groups = demo.cpu_groups(n)
-        assert len(groups) == min(n, len(cpus))
+        assert len(groups) == n
         assert sorted(c for g in groups for c in g) == cpus
         assert max(map(len, groups)) - min(map(len, groups)) <= 1
+    for n in (len(cpus) + 1, 64):           # more jobs than CPUs: all at once, sharing all
+        assert demo.cpu_groups(n) == [cpus] * n
 
 
 def test_a_failing_rate_process_is_named_with_its_log(tmp_path):

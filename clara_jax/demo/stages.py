@@ -118,12 +118,18 @@ def train_rate(cfg, worlds: dict[str, list[str]], rate: int, base: str, workdir:
 
 
 def cpu_groups(n_jobs: int) -> list[list[int]]:
-    """The CPUs this process may run on, split into at most `n_jobs` disjoint groups of
-    (nearly) equal size; one group (no split) where CPU affinity is unavailable."""
+    """One CPU group per job, for `train_rates_in_parallel`: with at most as many jobs as
+    CPUs, this process's CPUs split into `n_jobs` disjoint groups of (nearly) equal size;
+    with more jobs than CPUs, every job gets every CPU (all jobs run at once and the OS
+    shares the CPUs: 3 rates on 2 cores take 1.5x, not 2x, the time of one rate, as no core
+    idles while the last rate trains). One group (no split) where CPU affinity is
+    unavailable."""
     if not hasattr(os, "sched_getaffinity"):
         return [[]]
     cpus = sorted(os.sched_getaffinity(0))
-    n = max(1, min(n_jobs, len(cpus)))
+    if n_jobs > len(cpus):
+        return [cpus] * n_jobs
+    n = max(1, n_jobs)
     return [cpus[i::n] for i in range(n)]
 
 
