@@ -79,6 +79,32 @@ def test_build_program_uses_config_overrides_and_validates():
         aot.build_program(config("pretrain.py", remat_policy="some"), devices)
 
 
+@pytest.mark.parametrize("model,base_vocab,hidden,params", [
+    ("phi4_mini", 200064, 3072, 3_836_055_552), ("llama3_2_1b", 128256, 2048, 1_235_836_928)])
+def test_build_program_for_tied_embedding_backbones(model, base_vocab, hidden, params):
+    """Stage 1 of the non-Mistral presets as the pod table compiles it (fsdp 4, one
+    2048-token sequence per device), abstract: the vocabulary is the base's plus CLaRa's 8
+    memory tokens + 3, tied (no lm_head), and the odd vocabulary (200075 for Phi-4-mini)
+    leaves the embedding sharded over fsdp on its `embed` dimension."""
+    c = config("pretrain.py", f"model={model}", **{"mesh.data": 1, "mesh.fsdp": 4,
+                                                  "batch_size": 4})
+    program = aot.build_program(c, jax.devices()[:4])
+    cfg = program.model_cfg
+    assert cfg.vocab_size == base_vocab + 8 + 3 and cfg.tie_word_embeddings
+    assert (cfg.remat_policy, cfg.scan_layers, cfg.param_dtype) == ("full", True, "bfloat16")
+    assert cfg.num_params == params
+    state, batch = program.args
+    assert "lm_head" not in state.base and program.description["sharding_notes"] == []
+    emb = state.base["embed_tokens"]["embedding"]
+    assert emb.shape == (cfg.vocab_size, hidden)
+    assert emb.sharding.shard_shape(emb.shape) == (cfg.vocab_size, hidden // 4)
+    assert batch["prompt_ids"].shape == (4, 2048) and batch["doc_ids"].shape == (4, 1, 267)
+    # Per device: a quarter of the bf16 weights, plus the adapters and their optimizer
+    # state (a few percent on top).
+    weights = 2 * params / 4
+    assert weights < aot.argument_bytes(program) < 1.2 * weights
+
+
 def test_program_batch_is_what_the_train_loop_feeds_the_step():
     """The batch features are the pipeline's after `inputs.split_batch`: retrieval
     pretraining keeps `pos_mask` (its loss reads it), and its step traces on that batch."""
