@@ -247,3 +247,33 @@ def test_saved_model_keeps_the_tokenizer(pair):
                                   ours.compress_documents(docs[:2]))
     assert again.generate_from_text(qs[:1], [docs[:1]], 4).token_ids == \
         ours.generate_from_text(qs[:1], [docs[:1]], 4).token_ids
+
+
+def test_export_is_loaded_by_the_official_from_pretrained(pair):
+    """`export_apple` with the base written beside the release (tokenizer.json files; for
+    Qwen a folder whose name carries "qwen"; Phi-3's adapters fused back) is read by the
+    official `CLaRa.from_pretrained` into the same compressor and greedy answers. The
+    official loader puts everything in bfloat16, so the weights are made bfloat16-exact."""
+    import jax
+    name, official, ours, docs, qs, work = pair
+    bf16 = lambda tree: jax.tree.map(  # noqa: E731
+        lambda x: np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32)), tree)
+    model = Clara(ours.model_config, ours.config, bf16(ours.params), bf16(ours.adapters),
+                  ours.tokenizer, tokenizer_path=ours.tokenizer_path)
+    out = os.path.join(work, "exported")
+    model.export_apple(out)
+    assert os.path.isdir(os.path.join(out, apple.base_dir_name(ours.tokenizer)))
+    with contextlib.redirect_stdout(io.StringIO()):
+        loaded = type(official).from_pretrained(out).float().eval()
+    with torch.no_grad():
+        states, _ = loaded.compress_documents(docs[:3])
+    _close(states.numpy(), model.compress_documents(docs[:3]), TOL,
+           f"{name}: exported model's states")
+    seen, decode = _capture_ids(loaded)
+    try:
+        loaded.generation_top_k = 1
+        with common.cuda_means_cpu(), torch.no_grad():
+            loaded.generate_from_text(qs[:2], [docs[:1], docs[1:2]], max_new_tokens=6)
+    finally:
+        loaded.decoder_tokenizer.batch_decode = decode
+    assert model.generate_from_text(qs[:2], [docs[:1], docs[1:2]], 6).token_ids == seen[-1]

@@ -460,6 +460,7 @@ class HFClaraTokenizer(ClaraTokenizer):
 
     Special tokens come from tokenizer_config.json only (transformers' class defaults and the
     legacy special_tokens_map.json are not read: the published configs set every one).
+    `model_name` is the name the Qwen rule looked at (the formats store it beside a copy).
     """
 
     def __init__(self, tokenizer_json: str, config: Mapping[str, Any], n_mem: int,
