@@ -249,6 +249,40 @@ def test_saved_model_keeps_the_tokenizer(pair):
         ours.generate_from_text(qs[:1], [docs[:1]], 4).token_ids
 
 
+def test_adapter_bundle_over_the_base_and_its_checkpoint(pair):
+    """An adapter bundle over the Hugging Face base, and over our base checkpoint of it (which
+    keeps the tokenizer.json files), gives back the same adapters and added-token rows over
+    the base's first len(tokenizer) rows (Qwen2: the rows past the tokenizer dropped, as the
+    official resize drops them; the base rows are the base's own, not the release's copy in
+    which make_official zeroed the eos row)."""
+    import jax
+    from clara_jax.clara import formats
+    from clara_jax.clara.formats import bundle, hf_mistral
+    name, _, ours, _, _, work = pair
+    base = os.path.dirname(ours.tokenizer_path)
+    bundle.save(os.path.join(work, "bundle"), ours.parts)
+    ckpt = os.path.join(work, "base_ckpt")
+    hf_mistral.convert_hf_to_checkpoint(base, ckpt)
+    assert {"tokenizer.json", "tokenizer_config.json", "tokenizer_name.json"} <= set(
+        os.listdir(ckpt))
+    _, base_params = hf_mistral.load_hf_mistral(base)
+    n = ours.tokenizer.base_vocab_size
+    table = np.asarray(ours.params["embed_tokens"]["embedding"])
+    want = dict(ours.params, embed_tokens={"embedding": np.concatenate(
+        [base_params["embed_tokens"]["embedding"][:n], table[n:]])})
+    if "lm_head" in ours.params:
+        head = np.asarray(ours.params["lm_head"]["kernel"])
+        want["lm_head"] = {"kernel": np.concatenate(
+            [base_params["lm_head"]["kernel"][:, :n], head[:, n:]], axis=1)}
+    for over in (base, ckpt):
+        back = formats.load(os.path.join(work, "bundle"), over)
+        assert back.model_config.vocab_size == ours.model_config.vocab_size
+        assert back.tokenizer.special_tokens_map == ours.tokenizer.special_tokens_map
+        for x, y in zip(jax.tree.leaves((back.params, back.adapters)),
+                        jax.tree.leaves((want, ours.adapters))):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_export_is_loaded_by_the_official_from_pretrained(pair):
     """`export_apple` with the base written beside the release (tokenizer.json files; for
     Qwen a folder whose name carries "qwen"; Phi-3's adapters fused back) is read by the
