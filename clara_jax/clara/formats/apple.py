@@ -17,7 +17,7 @@ tokenizer.model or byte-level BPE tokenizer.json). Reading and writing `.pth` ne
 What the official `CLaRa.from_pretrained(release)` (modeling_clara.py:1223) needs, and `save`
 writes: config.json with every `CLaRaConfig` field; `decoder_model_name` naming the ORIGINAL
 base (base vocabulary, loaded in bfloat16, resized to len(tokenizer) after the added tokens)
-with a fast tokenizer and Mistral's chat template; the full resized tables in
+with a fast tokenizer and its chat template; the full resized tables in
 decoder_first_last_layers.pth; adapters loaded by `training_stage` (stage1: encoder and
 decoder; stage2: all three; stage1_2 starts a fresh decoder adapter instead of the saved one;
 `pure_inference=True` loads all).
