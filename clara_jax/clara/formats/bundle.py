@@ -16,8 +16,9 @@ rows the vocabulary was resized with). A bundle holds exactly those, a few MB in
   trainable_config.json   format version, base_vocab_size, model and CLaRa configs, the
                           adapter names, and every tensor's shape and dtype
 
-Loading puts them back over the base (our converted checkpoint or a Hugging Face Mistral
-directory, with its tokenizer.model) and gives parts equal to the exported ones
+Loading puts them back over the base (our converted checkpoint or a Hugging Face directory,
+with its tokenizer.model or tokenizer.json files; the base's first base_vocab_size rows, as
+the official resize to len(tokenizer) keeps them) and gives parts equal to the exported ones
 (`clara_jax.convert.adapters` wraps this for a `Clara` or a saved directory).
 """
 
