@@ -307,3 +307,66 @@ def test_aot_builds_stage1_for_the_backbone_presets(preset):
     with parallel.axis_rules(program.mesh):
         _, metrics = jax.eval_shape(program.fn, state, batch)
     assert metrics["loss"].shape == ()
+
+
+def _phi3_adapter(cfg, rank, equal_a, seed=0):
+    """A random adapter tree of cfg (q/k/v and gate/up sharing their A when equal_a)."""
+    from clara_jax.clara.formats.apple import _PARENT, _shapes
+    rng = np.random.default_rng(seed)
+    layers, shared = {}, {}
+    for module in LORA_TARGETS:
+        in_shape, out_shape = _shapes(cfg, module)
+        group = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gu",
+                 "up_proj": "gu"}.get(module, module)
+        a = rng.normal(size=(cfg.num_layers, *in_shape, rank)).astype(np.float32)
+        if equal_a:
+            a = shared.setdefault(group, a)
+        b = rng.normal(size=(cfg.num_layers, rank, *out_shape)).astype(np.float32)
+        layers.setdefault(_PARENT[module], {})[module] = {"lora_a": a, "lora_b": b}
+    return {"layers": layers}
+
+
+def test_phi3_fused_lora_round_trip_and_refusal():
+    """Phi-3's PEFT adapters live on the fused qkv_proj / gate_up_proj: our split adapter is
+    written fused and read back exactly when the split A's are equal, and refused in one line
+    naming the module otherwise."""
+    from clara_jax.clara.formats import apple
+    cfg = hf_mistral.config_from_hf(hf_configs()["phi3"].to_dict())
+    adapter = _phi3_adapter(cfg, 4, equal_a=True)
+    state = apple.adapter_to_peft(adapter, cfg)
+    assert {k.split(".")[4] for k in state} == {"qkv_proj", "o_proj", "gate_up_proj",
+                                                 "down_proj"}
+    qkv_b = state["model.layers.1.self_attn.qkv_proj.lora_B.weight"]
+    assert qkv_b.shape == ((H + 2 * KV) * (D // H), 4)
+    back = apple.adapter_from_peft(state, cfg)
+    for x, y in zip(jax.tree_util.tree_leaves(adapter), jax.tree_util.tree_leaves(back)):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match=r"^layers\.0\.self_attn\.qkv_proj: the LoRA A of "
+                                         r"k_proj differs"):
+        apple.adapter_to_peft(_phi3_adapter(cfg, 4, equal_a=False), cfg)
+    with pytest.raises(ValueError, match="unexpected key .*q_proj"):
+        apple.adapter_from_peft({"model.layers.0.self_attn.q_proj.lora_A.weight":
+                                 np.zeros((4, D), np.float32)}, cfg)
+
+
+def test_training_resizes_to_the_tokenizer_like_the_official_code():
+    """A base with more embedding rows than its tokenizer (Qwen2.5: 151,936 rows, 151,665
+    tokens) trains over exactly len(tokenizer) rows, the first ones kept, as the official
+    `resize_token_embeddings(len(tokenizer))` cuts it; a smaller one grows."""
+    from clara_jax.train import setup as setup_lib
+    from tests.config_files import load_config
+    from clara_jax.train.start import resize_vocab
+    rng = np.random.default_rng(0)
+    params = {"embed_tokens": {"embedding": rng.normal(size=(V, D)).astype(np.float32)},
+              "lm_head": {"kernel": rng.normal(size=(D, V)).astype(np.float32)}}
+    cut = resize_vocab(params, V - 20, rng)
+    np.testing.assert_array_equal(cut["embed_tokens"]["embedding"],
+                                  params["embed_tokens"]["embedding"][:V - 20])
+    np.testing.assert_array_equal(cut["lm_head"]["kernel"], params["lm_head"]["kernel"][:, :V - 20])
+    grown = resize_vocab(params, V + 5, rng)
+    assert grown["embed_tokens"]["embedding"].shape == (V + 5, D)
+    cfg = hf_mistral.config_from_hf(hf_configs()["qwen2"].to_dict())
+    c = load_config("configs/pretrain.py")
+    model_cfg, clara_cfg = setup_lib.model_configs(c, cfg, V - 40)
+    assert model_cfg.vocab_size == V - 40 + clara_cfg.num_added_tokens < V
+    assert clara_cfg.first_mem_token_id == V - 40

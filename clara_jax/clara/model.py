@@ -113,7 +113,9 @@ class Clara:
     def from_apple(cls, clara_dir: str, base_model_dir: str, dtype: str | None = None,
                    **settings) -> "Clara":
         """Apple's release (adapters.pth, decoder_first_last_layers.pth, config.json) over a
-        Hugging Face Mistral base directory (safetensors + tokenizer.model)."""
+        Hugging Face base directory: Mistral, Llama, Qwen2 or Phi-3 (safetensors, and
+        tokenizer.model or a byte-level BPE tokenizer.json with its tokenizer_config.json;
+        `formats.apple.load`)."""
         return cls.from_parts(apple.load(clara_dir, base_model_dir, dtype), **settings)
 
     def save(self, out_dir: str) -> None:

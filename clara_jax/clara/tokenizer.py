@@ -460,6 +460,7 @@ class HFClaraTokenizer(ClaraTokenizer):
 
     Special tokens come from tokenizer_config.json only (transformers' class defaults and the
     legacy special_tokens_map.json are not read: the published configs set every one).
+    `model_name` is the name the Qwen rule looked at (the formats store it beside a copy).
     """
 
     def __init__(self, tokenizer_json: str, config: Mapping[str, Any], n_mem: int,
@@ -514,6 +515,7 @@ class HFClaraTokenizer(ClaraTokenizer):
         self.chat_template = chat_template
         self.chat_template_source = chat_template_source
         self.source = source
+        self.model_name = model_name
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, n_mem: int,
@@ -588,6 +590,21 @@ def _chat_template(model_dir: str, config: Mapping[str, Any], config_path: str
                              "'default'")
         template = named["default"]
     return template, config_path
+
+
+HF_TOKENIZER_FILE = "tokenizer.json"
+# Files read beside a tokenizer.json (special tokens, chat template): copied with it.
+HF_TOKENIZER_COMPANIONS = ("tokenizer_config.json", "chat_template.jinja")
+
+
+def byte_level_tokenizer_json(model_dir: str | os.PathLike) -> str | None:
+    """The path of `model_dir`'s tokenizer.json when it is a byte-level BPE (an
+    `HFClaraTokenizer`), else None (absent, or Mistral's legacy sentencepiece layout)."""
+    path = os.path.join(os.fspath(model_dir), HF_TOKENIZER_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return path if _is_byte_level_bpe(json.load(f)) else None
 
 
 def _normalizer_kinds(spec: Mapping[str, Any]) -> list:

@@ -159,14 +159,16 @@ def execution_config(c: ml_collections.ConfigDict, model_cfg: MistralConfig) -> 
 def model_configs(c: ml_collections.ConfigDict, model_cfg: MistralConfig, base_vocab: int
                   ) -> tuple[MistralConfig, ClaraConfig | None]:
     """(the run's model config, its ClaraConfig or None for base_lm) from the starting
-    model's config and its tokenizer's sentencepiece vocabulary size: CLaRa's special tokens
-    (memory tokens first) are appended after the `base_vocab` pieces, and the vocabulary grows
-    to hold them where it is smaller; then the run's execution settings."""
+    model's config and its tokenizer's length: CLaRa's special tokens (memory tokens first)
+    are appended after the `base_vocab` tokens, and the vocabulary becomes exactly
+    `base_vocab` + the added tokens, as the official `resize_token_embeddings(len(tokenizer))`
+    makes it (grown for Mistral, cut for a base with more rows than its tokenizer, such as
+    Qwen2.5); then the run's execution settings."""
     cfg = None
     if c.stage != "base_lm":
         cfg = clara_config(c, first_mem_token_id=base_vocab)
         vocab = base_vocab + cfg.num_added_tokens
-        if model_cfg.vocab_size < vocab:
+        if model_cfg.vocab_size != vocab:
             model_cfg = model_cfg.replace(vocab_size=vocab)
     return execution_config(c, model_cfg), cfg
 
@@ -396,7 +398,7 @@ def build_run(c: ml_collections.ConfigDict, mesh: Mesh, model_cfg: MistralConfig
               k_instruct: int | None = None, num_layers: int | None = None) -> Run:
     """The run `c` on `mesh`, from the starting model's config and tokenizer vocabulary size
     (`model_configs`). `params` (its base weights, as loaded) gives a real state: the
-    vocabulary grown by `resize_vocab` where needed, `adapters` (or fresh ones) as the stage
+    vocabulary resized by `resize_vocab` where needed, `adapters` (or fresh ones) as the stage
     transition takes them (`start_adapters`), everything placed on its shardings. None gives
     an abstract one (`jax.eval_shape`). `k_instruct`: documents per instruct record
     (default generation_top_k); `num_layers` replaces the depth, unrolled (for
@@ -417,7 +419,7 @@ def build_run(c: ml_collections.ConfigDict, mesh: Mesh, model_cfg: MistralConfig
         sharding = state_sharding(state, setup, mesh)
         state = with_sharding(state, sharding)
     else:
-        if params["embed_tokens"]["embedding"].shape[0] < model_cfg.vocab_size:
+        if params["embed_tokens"]["embedding"].shape[0] != model_cfg.vocab_size:
             params = resize_vocab(params, model_cfg.vocab_size, np.random.default_rng(c.seed))
         params = place(params, setup.param_sharding)
         if cfg is not None:

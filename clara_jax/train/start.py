@@ -12,7 +12,8 @@ import ml_collections
 import numpy as np
 
 from clara_jax.clara.model import Clara
-from clara_jax.clara.tokenizer import ClaraTokenizer, train_sentencepiece
+from clara_jax.clara.formats.parts import load_tokenizer, tokenizer_path_in
+from clara_jax.clara.tokenizer import HF_TOKENIZER_FILE, ClaraTokenizer, train_sentencepiece
 from clara_jax.clara.formats.hf_mistral import load_checkpoint
 from clara_jax.model.config import MistralConfig, preset
 from clara_jax.model.mistral import init_params
@@ -36,9 +37,10 @@ def load_start(c: ml_collections.ConfigDict, workdir: str,
                 "adapters": dict(clara.adapters), "tokenizer_path": clara.tokenizer_path}
     if src and os.path.exists(os.path.join(src, "model_config.json")):
         model_cfg, params = load_checkpoint(src)
-        tok_path = os.path.join(src, "tokenizer.model")
-        if not os.path.exists(tok_path):
-            raise FileNotFoundError(f"config.init_from: {src} has no tokenizer.model")
+        tok_path = tokenizer_path_in(src)
+        if tok_path is None:
+            raise FileNotFoundError(f"config.init_from: {src} has no tokenizer.model or "
+                                    f"tokenizer.json")
         return {"model_cfg": model_cfg, "params": params, "adapters": None,
                 "tokenizer_path": tok_path}
     if src:
@@ -73,21 +75,30 @@ def scratch_model_config(c: ml_collections.ConfigDict) -> MistralConfig:
 
 def run_tokenizer(c: ml_collections.ConfigDict, tokenizer_path: str) -> ClaraTokenizer:
     """The run's tokenizer: n = doc_max_length / compress_rate memory tokens (one for
-    base_lm, which uses none), appended after the sentencepiece pieces."""
-    if c.stage == "base_lm":
-        return ClaraTokenizer.from_file(tokenizer_path, n_mem=1)
-    return ClaraTokenizer.from_file(tokenizer_path, c.doc_max_length // c.compress_rate,
-                                    c.different_mem_tokens)
+    base_lm, which uses none), appended after the tokenizer's own tokens (a tokenizer.json is
+    read with its tokenizer_config.json and tokenizer_name.json)."""
+    n_mem = 1 if c.stage == "base_lm" else c.doc_max_length // c.compress_rate
+    different = c.stage == "base_lm" or c.different_mem_tokens
+    if os.path.basename(tokenizer_path) == HF_TOKENIZER_FILE:  # with its companions
+        return load_tokenizer(os.path.dirname(os.path.abspath(tokenizer_path)), n_mem,
+                              different)[0]
+    return ClaraTokenizer.from_file(tokenizer_path, n_mem, different)
 
 
 def resize_vocab(params: dict, vocab: int, rng: np.random.Generator) -> dict:
-    """Grows embed_tokens and lm_head (absent with tied embeddings) to `vocab` rows; new rows
-    are the mean of the existing rows plus N(0, 0.02) noise (the added special tokens start
-    near the average token)."""
+    """Resizes embed_tokens and lm_head (absent with tied embeddings) to `vocab` rows. Growing
+    appends rows that are the mean of the existing rows plus N(0, 0.02) noise (the added
+    special tokens start near the average token); shrinking keeps the first `vocab` rows, as
+    transformers' `resize_token_embeddings` does (a base with more rows than its tokenizer,
+    such as Qwen2.5, whose CLaRa tokens then keep the base's rows at their ids)."""
     emb = np.asarray(params["embed_tokens"]["embedding"])
     old = emb.shape[0]
     if vocab < old:
-        raise ValueError(f"cannot shrink the vocabulary from {old} to {vocab}")
+        out = dict(params)
+        out["embed_tokens"] = {"embedding": emb[:vocab]}
+        if "lm_head" in params:
+            out["lm_head"] = {"kernel": np.asarray(params["lm_head"]["kernel"])[:, :vocab]}
+        return out
     if vocab == old:
         return params
     new_e = emb.mean(0) + 0.02 * rng.standard_normal((vocab - old, emb.shape[1]))

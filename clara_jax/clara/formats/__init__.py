@@ -1,12 +1,13 @@
 """Every checkpoint format in one place, below the `Clara` facade in the import graph.
 
-  ours.py         a saved CLaRa model (Orbax state + JSON configs + tokenizer.model), or a
+  ours.py         a saved CLaRa model (Orbax state + JSON configs + tokenizer files), or a
                   training work directory's `model/`
   apple.py        Apple's release (config.json, adapters.pth, decoder_first_last_layers.pth)
-                  over a Hugging Face Mistral base
+                  over a Hugging Face base (Mistral, Llama, Qwen2, Phi-3)
   bundle.py       adapter bundles: the trained part alone (adapters + added-token rows) over a
                   base model
-  hf_mistral.py   a Hugging Face Mistral base <-> our parameter tree; our base checkpoint
+  hf_mistral.py   a Hugging Face base <-> our parameter tree; our base checkpoint
+  parts.py        `ClaraParts`, and the tokenizer files every format stores
   safetensors_io  the safetensors reader / writer the others use
 
 The CLaRa formats read into and write from `parts.ClaraParts` (arrays and configs), never a
@@ -46,8 +47,8 @@ def detect(path: str) -> str:
 def load(path: str, base_model_dir: str | None = None, dtype: str | None = None
          ) -> ClaraParts:
     """Reads the CLaRa checkpoint in `path`, whichever format (`detect`). An Apple release or
-    an adapter bundle lies over a base model: `base_model_dir` (Hugging Face Mistral, or our
-    base checkpoint for a bundle). `dtype` casts an Apple release's base weights."""
+    an adapter bundle lies over a base model: `base_model_dir` (a Hugging Face directory, or
+    our base checkpoint for a bundle). `dtype` casts an Apple release's base weights."""
     kind = detect(path)
     if kind == OURS:
         return ours.load(path)

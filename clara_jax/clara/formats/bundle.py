@@ -16,8 +16,9 @@ rows the vocabulary was resized with). A bundle holds exactly those, a few MB in
   trainable_config.json   format version, base_vocab_size, model and CLaRa configs, the
                           adapter names, and every tensor's shape and dtype
 
-Loading puts them back over the base (our converted checkpoint or a Hugging Face Mistral
-directory, with its tokenizer.model) and gives parts equal to the exported ones
+Loading puts them back over the base (our converted checkpoint or a Hugging Face directory,
+with its tokenizer.model or tokenizer.json files; the base's first base_vocab_size rows, as
+the official resize to len(tokenizer) keeps them) and gives parts equal to the exported ones
 (`clara_jax.convert.adapters` wraps this for a `Clara` or a saved directory).
 """
 
@@ -32,9 +33,9 @@ import numpy as np
 
 from clara_jax.clara.formats import hf_mistral
 from clara_jax.clara.formats.ours import config_from_dict, config_to_dict
-from clara_jax.clara.formats.parts import TOKENIZER_FILE, ClaraParts, host_copy, to_device
+from clara_jax.clara.formats.parts import (ClaraParts, host_copy, load_tokenizer,
+                                           to_device, tokenizer_path_in)
 from clara_jax.clara.formats.safetensors_io import SafetensorsFile, save_file
-from clara_jax.clara.tokenizer import ClaraTokenizer
 from clara_jax.fileio import atomic_directory
 from clara_jax.model.config import MistralConfig
 from clara_jax.model.mistral import Mistral
@@ -96,12 +97,13 @@ def save(out_dir: str, parts: ClaraParts) -> dict:
 
 def load_base(base_dir: str) -> tuple[MistralConfig, dict, str]:
     """(MistralConfig, params, tokenizer path) of a base model directory: our converted
-    checkpoint (model_config.json + params/) or a Hugging Face Mistral (config.json +
-    safetensors); either with tokenizer.model."""
-    tok = os.path.join(base_dir, TOKENIZER_FILE)
-    if not os.path.exists(tok):
-        raise FileNotFoundError(f"{base_dir}: missing tokenizer.model (the base model's "
-                                f"sentencepiece model)")
+    checkpoint (model_config.json + params/) or a Hugging Face directory (config.json +
+    safetensors); either with its tokenizer (`parts.tokenizer_path_in`: a byte-level BPE
+    tokenizer.json, else tokenizer.model)."""
+    tok = tokenizer_path_in(base_dir)
+    if tok is None:
+        raise FileNotFoundError(f"{base_dir}: missing tokenizer.model or tokenizer.json (the "
+                                f"base model's tokenizer)")
     if os.path.exists(os.path.join(base_dir, "model_config.json")):
         cfg, params = hf_mistral.load_checkpoint(base_dir)
         return cfg, params, tok
@@ -128,16 +130,18 @@ def load(bundle_dir: str, base_dir: str) -> ClaraParts:
     cfg = config_from_dict(bundle["clara_config"])
     base_vocab = int(bundle["base_vocab_size"])
 
-    base_cfg, params, tok_path = load_base(base_dir)
-    expected = model_cfg.replace(vocab_size=base_vocab, param_dtype=base_cfg.param_dtype,
-                                 dtype=base_cfg.dtype)
-    for field in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+    base_cfg, params, _ = load_base(base_dir)
+    expected = model_cfg.replace(param_dtype=base_cfg.param_dtype, dtype=base_cfg.dtype)
+    if base_cfg.vocab_size < base_vocab:
+        raise ValueError(f"{base_dir}: base model vocab_size = {base_cfg.vocab_size}, but the "
+                         f"bundle {bundle_dir} was trained over a tokenizer of {base_vocab}")
+    for field in ("hidden_size", "num_layers", "num_heads", "num_kv_heads",
                   "head_dim", "intermediate_size"):
         if getattr(base_cfg, field) != getattr(expected, field):
             raise ValueError(f"{base_dir}: base model {field} = {getattr(base_cfg, field)}, "
                              f"but the bundle {bundle_dir} was trained over {field} = "
                              f"{getattr(expected, field)}")
-    tok = ClaraTokenizer.from_file(tok_path, cfg.n_mem, cfg.different_mem_tokens)
+    tok, tok_path = load_tokenizer(base_dir, cfg.n_mem, cfg.different_mem_tokens)
     if tok.base_vocab_size != base_vocab:
         raise ValueError(f"{tok_path}: {tok.base_vocab_size} pieces, but the bundle's base "
                          f"vocabulary is {base_vocab}")
@@ -150,12 +154,14 @@ def load(bundle_dir: str, base_dir: str) -> ClaraParts:
                              f"{CONFIG_FILE} says {info['shape']}")
     flat = {n: np.array(st.get(n)) for n in st.names()}
     emb = flat.pop(f"{_ADDED}/embed_tokens")
-    table = np.asarray(params["embed_tokens"]["embedding"])
+    # The base's first base_vocab rows (a base may have more embedding rows than its
+    # tokenizer, e.g. Qwen2.5: the official resize to len(tokenizer) drops the rest).
+    table = np.asarray(params["embed_tokens"]["embedding"])[:base_vocab]
     params = dict(params)
     params["embed_tokens"] = {"embedding": np.concatenate([table, emb.astype(table.dtype)])}
     if not model_cfg.tie_word_embeddings:
         head = flat.pop(f"{_ADDED}/lm_head")
-        kernel = np.asarray(params["lm_head"]["kernel"])
+        kernel = np.asarray(params["lm_head"]["kernel"])[:, :base_vocab]
         params["lm_head"] = {"kernel": np.concatenate([kernel, head.astype(kernel.dtype)],
                                                       axis=1)}
     if params["embed_tokens"]["embedding"].shape[0] != model_cfg.vocab_size:

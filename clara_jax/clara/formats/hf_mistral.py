@@ -4,7 +4,8 @@ base-model checkpoint format. The module keeps its first name; docs/backbones.md
 HF stores torch Linear weights [out, in]; we store kernels [in..., out...] with a stacked
 layer axis (see `clara_jax.model.mistral`). Import reads tensor by tensor from memory-mapped
 safetensors into preallocated stacked arrays (peak: about one copy of the weights). Our
-checkpoint directory: `params/` (Orbax), `model_config.json`, `tokenizer.model`.
+checkpoint directory: `params/` (Orbax), `model_config.json`, the tokenizer files
+(`parts.copy_tokenizer`: tokenizer.model, or tokenizer.json and its companions).
 """
 
 from __future__ import annotations
@@ -18,43 +19,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from clara_jax.clara.chat import MISTRAL_CHAT_TEMPLATE
 from clara_jax.clara.formats import safetensors_io
+from clara_jax.clara.formats.parts import copy_tokenizer, tokenizer_path_in
 from clara_jax.fileio import atomic_directory
 from clara_jax.model.config import MistralConfig
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
-# Mistral-7B-Instruct-v0.2's chat template (its tokenizer_config.json on the Hugging Face
-# hub), which `clara.prompts.mistral_chat` renders; written beside an exported base so that
-# `apply_chat_template` (Apple's prompts use it) gives our prompts.
-MISTRAL_CHAT_TEMPLATE = (
-    "{%- if messages[0]['role'] == 'system' %}\n"
-    "    {%- set system_message = messages[0]['content'] %}\n"
-    "    {%- set loop_messages = messages[1:] %}\n"
-    "{%- else %}\n"
-    "    {%- set loop_messages = messages %}\n"
-    "{%- endif %}\n\n"
-    "{{- bos_token }}\n"
-    "{%- for message in loop_messages %}\n"
-    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n"
-    "        {{- raise_exception('After the optional system message, conversation roles must "
-    "alternate user/assistant/user/assistant/...') }}\n"
-    "    {%- endif %}\n"
-    "    {%- if message['role'] == 'user' %}\n"
-    "        {%- if loop.first and system_message is defined %}\n"
-    "            {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}\n"
-    "        {%- else %}\n"
-    "            {{- ' [INST] ' + message['content'] + ' [/INST]' }}\n"
-    "        {%- endif %}\n"
-    "    {%- elif message['role'] == 'assistant' %}\n"
-    "        {{- ' ' + message['content'] + eos_token}}\n"
-    "    {%- else %}\n"
-    "        {{- raise_exception('Only user and assistant roles are supported, with the "
-    "exception of an initial optional system message!') }}\n"
-    "    {%- endif %}\n"
-    "{%- endfor %}\n")
-
-
 # Hugging Face class name and model_type of each supported architecture.
 HF_ARCHITECTURES = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM",
                     "qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM"}
@@ -353,7 +325,7 @@ def save_hf_mistral(cfg: MistralConfig, params: dict, out_dir: str, dtype: str |
         json.dump(config_to_hf(cfg, dtype or cfg.param_dtype), f, indent=2)
     safetensors_io.save_sharded(hf_tensors(cfg, params, dtype), out_dir, max_shard_bytes)
     if tokenizer_path:
-        shutil.copyfile(tokenizer_path, os.path.join(out_dir, TOKENIZER))
+        copy_tokenizer(tokenizer_path, out_dir)
 
 
 def require_transformers(what: str):
@@ -384,8 +356,9 @@ def save_hf_tokenizer(tokenizer_path: str, out_dir: str,
 
 def save_checkpoint(out_dir: str, cfg: MistralConfig, params: dict,
                     tokenizer_path: str | None = None, overwrite: bool = True) -> None:
-    """Writes our checkpoint (Orbax params, model_config.json, tokenizer.model) atomically:
-    into a temporary sibling directory, renamed into place when complete."""
+    """Writes our checkpoint (Orbax params, model_config.json, the tokenizer files of
+    `tokenizer_path`: tokenizer.model, or tokenizer.json and its companions) atomically: into
+    a temporary sibling directory, renamed into place when complete."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True)")
@@ -394,15 +367,15 @@ def save_checkpoint(out_dir: str, cfg: MistralConfig, params: dict,
             ckptr.save(os.path.join(tmp, "params"), params)
         cfg.to_json(os.path.join(tmp, "model_config.json"))
         if tokenizer_path:
-            shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER))
+            copy_tokenizer(tokenizer_path, tmp)
 
 
 def convert_hf_to_checkpoint(model_dir: str, out_dir: str, dtype: str | None = None,
                              overwrite: bool = False) -> MistralConfig:
-    """HF Mistral directory -> our checkpoint directory; returns the model config."""
+    """HF directory -> our checkpoint directory (with its tokenizer: a byte-level BPE
+    tokenizer.json and companions, else tokenizer.model, if any); returns the model config."""
     cfg, params = load_hf_mistral(model_dir, dtype)
-    tok = os.path.join(model_dir, TOKENIZER)
-    save_checkpoint(out_dir, cfg, params, tok if os.path.exists(tok) else None, overwrite)
+    save_checkpoint(out_dir, cfg, params, tokenizer_path_in(model_dir), overwrite)
     return cfg
 
 

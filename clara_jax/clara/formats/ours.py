@@ -4,7 +4,9 @@
   model_config.json    `MistralConfig` (vocabulary resized for the added tokens)
   clara_config.json    `ClaraConfig` (`config_to_dict`)
   apple_config.json    Apple's config.json fields kept for export (may be {})
-  tokenizer.model      the base sentencepiece model
+  tokenizer.model      the base sentencepiece model, or for a Hugging Face tokenizer
+                       tokenizer.json (+ tokenizer_config.json, chat_template.jinja,
+                       tokenizer_name.json: `parts.copy_tokenizer`)
 
 A training work directory holds one under `model/`; `load` accepts either.
 """
@@ -14,18 +16,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 
 import orbax.checkpoint as ocp
 
 from clara_jax.clara.config import ClaraConfig
-from clara_jax.clara.formats.parts import TOKENIZER_FILE, ClaraParts
-from clara_jax.clara.tokenizer import ClaraTokenizer
+from clara_jax.clara.formats.parts import (ClaraParts, copy_tokenizer, load_tokenizer,
+                                           tokenizer_path_in)
 from clara_jax.fileio import atomic_directory
 from clara_jax.model.config import MistralConfig
 from clara_jax.model.lora import LoraConfig
 
-REQUIRED = ("state", "model_config.json", "clara_config.json", TOKENIZER_FILE)
+REQUIRED = ("state", "model_config.json", "clara_config.json")
 
 
 def config_to_dict(cfg: ClaraConfig) -> dict:
@@ -62,7 +63,7 @@ def save(out_dir: str, parts: ClaraParts) -> None:
     """Writes `parts` (see the module docstring). Written to a temporary sibling and renamed,
     so a crash never leaves it half-written."""
     if parts.tokenizer_path is None:
-        raise ValueError("this Clara has no tokenizer.model path to save")
+        raise ValueError("this Clara has no tokenizer file path to save")
     with atomic_directory(out_dir, prefix=".clara-") as tmp:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, "state"),
@@ -72,7 +73,7 @@ def save(out_dir: str, parts: ClaraParts) -> None:
             json.dump(config_to_dict(parts.config), f, indent=2, sort_keys=True)
         with open(os.path.join(tmp, "apple_config.json"), "w") as f:
             json.dump(parts.apple_config, f, indent=2, sort_keys=True)
-        shutil.copyfile(parts.tokenizer_path, os.path.join(tmp, TOKENIZER_FILE))
+        copy_tokenizer(parts.tokenizer_path, tmp, parts.tokenizer)
 
 
 def load(path: str) -> ClaraParts:
@@ -82,6 +83,9 @@ def load(path: str) -> ClaraParts:
     for name in REQUIRED:
         if not os.path.exists(os.path.join(path, name)):
             raise FileNotFoundError(f"{path}: missing {name} (not a saved Clara directory)")
+    if tokenizer_path_in(path) is None:
+        raise FileNotFoundError(f"{path}: missing tokenizer.model or tokenizer.json (not a "
+                                f"saved Clara directory)")
     model_cfg = MistralConfig.from_json(os.path.join(path, "model_config.json"))
     with open(os.path.join(path, "clara_config.json")) as f:
         cfg = config_from_dict(json.load(f))
@@ -91,8 +95,7 @@ def load(path: str) -> ClaraParts:
             apple_cfg = json.load(f)
     with ocp.StandardCheckpointer() as ckptr:
         state = ckptr.restore(os.path.join(path, "state"))
-    tok_path = os.path.join(path, TOKENIZER_FILE)
-    tok = ClaraTokenizer.from_file(tok_path, cfg.n_mem, cfg.different_mem_tokens)
+    tok, tok_path = load_tokenizer(path, cfg.n_mem, cfg.different_mem_tokens)
     return ClaraParts(model_cfg, cfg, state["params"], state["adapters"], tok,
                       tokenizer_path=tok_path, apple_config=apple_cfg)
 
